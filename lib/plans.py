@@ -1,0 +1,133 @@
+"""The plan: every number that shapes preprocessing, the network, inference and training.
+
+Like nnU-Net's plans, configuration lives here as data, in one place. A plan starts
+from a *preset* (``default`` for real lumbar MRI, ``tiny`` for tests) and any field
+can be overridden with ``--conf KEY VALUE`` on ``monailabel start_server`` or with
+the same keys in Python (``SpinePlan.from_conf({...})``).
+
+Axis order of every spatial tuple is the model's: RAS (axis 0 = right->left,
+axis 1 = posterior->anterior, axis 2 = inferior->superior); spacing is in mm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Tuple
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # Real sagittal lumbar MRI: 2 mm left-right (clinical slices are 3-4 mm thick anyway),
+    # 1 mm in-plane keeps disc height (8-12 mm) at 8+ voxels. ROI 32x128x128 = 64x128x128 mm
+    # covers a vertebral body with its posterior elements and both neighbouring discs.
+    "default": {},
+    # Seconds per epoch on a 2-core CPU: used by the test-suite.
+    "tiny": {
+        "feature_size": 12,
+        "depths": (1, 1, 1, 1),
+        "target_spacing": (4.0, 4.0, 4.0),
+        "roi_size": (32, 64, 64),
+        "max_epochs": 1,
+        "val_interval": 1,
+        "num_samples": 1,
+        "mc_samples": 2,
+        "train_batch_size": 1,
+        "cache_rate": 1.0,
+        "min_island_ml": 0.0,
+    },
+}
+
+
+@dataclass(frozen=True)
+class SpinePlan:
+    # --- preprocessing -------------------------------------------------------------
+    target_spacing: Tuple[float, float, float] = (2.0, 1.0, 1.0)  # mm, RAS
+    intensity_percentiles: Tuple[float, float] = (0.5, 99.5)  # MR has no absolute scale: robust min/max
+    # --- network (SwinUNETR) -------------------------------------------------------
+    feature_size: int = 24  # must be a multiple of 12
+    depths: Tuple[int, int, int, int] = (2, 2, 2, 2)
+    dropout: float = 0.1  # also drives MC-dropout epistemic scoring
+    # --- sliding-window inference --------------------------------------------------
+    roi_size: Tuple[int, int, int] = (32, 128, 128)  # voxels, each a multiple of 32
+    sw_overlap: float = 0.25
+    sw_batch_size: int = 1
+    # --- post-processing -----------------------------------------------------------
+    min_island_ml: float = 0.1  # pieces smaller than this are noise
+    # --- training ------------------------------------------------------------------
+    max_epochs: int = 300
+    val_interval: int = 5
+    train_batch_size: int = 2
+    num_samples: int = 2  # random crops per image per iteration
+    learning_rate: float = 2e-4
+    weight_decay: float = 1e-5
+    warmup_epochs: int = 5
+    early_stop_patience: int = 10  # validations without improvement
+    loss: str = "dice_ce"  # dice_ce | dice_focal
+    class_weights: Tuple[float, ...] = ()  # per class incl. background, empty = uniform
+    val_fraction: float = 0.2
+    cache_rate: float = 1.0
+    # --- active learning -----------------------------------------------------------
+    mc_samples: int = 5
+    # --- bookkeeping ---------------------------------------------------------------
+    preset: str = "default"
+    extra: Dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.feature_size % 12:
+            raise ValueError(f"feature_size must be a multiple of 12, got {self.feature_size}")
+        if any(r % 32 for r in self.roi_size):
+            raise ValueError(f"every roi_size entry must be a multiple of 32 (SwinUNETR), got {self.roi_size}")
+        if all(r == 32 for r in self.roi_size):
+            raise ValueError("roi_size 32x32x32 leaves SwinUNETR's bottleneck a single voxel: make one side 64+")
+        if any(s <= 0 for s in self.target_spacing):
+            raise ValueError(f"target_spacing must be positive, got {self.target_spacing}")
+        if not 0 <= self.sw_overlap < 1:
+            raise ValueError(f"sw_overlap must lie in [0, 1), got {self.sw_overlap}")
+        if self.loss not in ("dice_ce", "dice_focal"):
+            raise ValueError(f"loss must be dice_ce or dice_focal, got {self.loss!r}")
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, Any] | None = None) -> "SpinePlan":
+        """Build a plan from a preset and string overrides (``--conf`` values are strings).
+
+        Unknown keys are kept in ``extra`` so that other settings (``model_dir`` ...)
+        can travel in the same mapping.
+        """
+        conf = dict(conf or {})
+        preset = str(conf.get("preset", "default"))
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        values: Dict[str, Any] = dict(PRESETS[preset])
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        extra = {}
+        for key, raw in conf.items():
+            if key == "preset":
+                continue
+            if key in fields and key != "extra":
+                values[key] = _parse(raw, cls.__dataclass_fields__[key].default)
+            else:
+                extra[key] = raw
+        return cls(preset=preset, extra=extra, **values)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+
+def _parse(raw: Any, default: Any) -> Any:
+    """Parse a ``--conf`` string into the type of the field's default value."""
+    if not isinstance(raw, str):
+        return tuple(raw) if isinstance(default, tuple) else raw
+    text = raw.strip()
+    if isinstance(default, tuple):
+        items = json.loads(text) if text.startswith("[") else [t for t in text.replace("x", ",").split(",") if t]
+        kind = type(default[0]) if default else float
+        return tuple(kind(i) for i in items)
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    return text

@@ -1,0 +1,196 @@
+"""Transform chains for every stage, composed declaratively from the plan.
+
+Keys: ``image`` is a scan (any orientation, spacing and MR intensity range), ``label``
+a label map with values 0..11, ``pred`` the network output. After loading, arrays are
+channel-first ``(C, X, Y, Z)`` MetaTensors whose ``affine`` maps voxels to RAS world
+coordinates in mm. The model works in RAS at ``plan.target_spacing``; everything the
+user sees is inverted back to the scan's own grid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Hashable, List, Mapping
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    AsDiscreted,
+    CastToTyped,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandBiasFieldd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRangePercentilesd,
+    SpatialPadd,
+    Spacingd,
+    SqueezeDimd,
+)
+
+from lib.errors import InvalidInput
+from lib.io import check_file, unreadable
+from lib.labels import IGNORE_VALUE, NUM_CLASSES
+from lib.plans import SpinePlan
+
+# ITK reads every format we accept (NIfTI, NRRD, MHA/MHD, DICOM series folders) with one
+# consistent RAS affine convention.
+READER = "ITKReader"
+MODEL_AXCODES = "RAS"
+
+
+class LoadScand(LoadImaged):
+    """``LoadImaged`` with ITK whose failures become a clear :class:`InvalidInput`."""
+
+    def __init__(self, keys: KeysCollection):
+        super().__init__(keys=keys, reader=READER)
+
+    def __call__(self, data, reader=None):
+        for key in self.key_iterator(dict(data)):
+            check_file(str(data[key]))
+        try:
+            return super().__call__(data, reader)
+        except Exception as e:
+            key = next(iter(self.key_iterator(dict(data))), None)
+            raise unreadable(str(data.get(key, "")) if key else "", e) from None
+
+
+class ValidateScand(MapTransform):
+    """Refuse inputs a segmentation cannot be trusted on, with a message that says why.
+
+    Expects channel-first ``(1, X, Y, Z)`` after ``EnsureChannelFirstd``; trailing
+    singleton dimensions are accepted (a 3D volume stored as 4D with one frame).
+    """
+
+    def __init__(self, keys: KeysCollection, min_size: int = 4, max_voxels: int = 512 * 1024 * 1024):
+        super().__init__(keys)
+        self.min_size = min_size
+        self.max_voxels = max_voxels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            shape = tuple(img.shape)
+            while len(shape) > 4 and shape[-1] == 1:  # (1, X, Y, Z, 1): one frame
+                img = img[..., 0]
+                shape = tuple(img.shape)
+            if len(shape) != 4 or shape[0] != 1:
+                raise InvalidInput(
+                    f"{key}: expected one 3D volume, got array of shape {shape[1:] if shape[0] == 1 else shape} "
+                    "(2D images, time series and multi-channel volumes are not supported)"
+                )
+            spatial = shape[1:]
+            if min(spatial) < self.min_size and sorted(spatial)[1] < self.min_size:
+                raise InvalidInput(f"{key}: volume {spatial} is too small to be a 3D scan")
+            if math.prod(spatial) > self.max_voxels:
+                raise InvalidInput(f"{key}: volume {spatial} exceeds the limit of {self.max_voxels} voxels")
+            if not torch.isfinite(torch.as_tensor(img)).all():
+                raise InvalidInput(f"{key}: the volume contains NaN or infinite intensities")
+            d[key] = img
+        return d
+
+
+class ValidateLabeld(MapTransform):
+    """Check a reference label map: values must be 0..11 (255 = ignore is mapped to 0)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            label[label == IGNORE_VALUE] = 0  # in place: keeps the MetaTensor's affine
+            values = torch.unique(torch.as_tensor(label))
+            bad = [float(v) for v in values if v < 0 or v >= NUM_CLASSES or v != torch.round(v)]
+            if bad:
+                raise InvalidInput(f"{key}: label values {bad} are outside 0..{NUM_CLASSES - 1}")
+        return d
+
+
+def load_and_resample(keys: List[str], plan: SpinePlan, label_key: str | None = None) -> List[Any]:
+    """Load, check, reorient to RAS, resample to the plan's spacing, normalise intensities."""
+    modes = ["nearest" if k == label_key else "bilinear" for k in keys]
+    chain: List[Any] = [
+        LoadScand(keys=keys),
+        EnsureChannelFirstd(keys=keys),
+        ValidateScand(keys="image"),
+    ]
+    if label_key:
+        chain.append(ValidateLabeld(keys=label_key))
+    chain += [
+        Orientationd(keys=keys, axcodes=MODEL_AXCODES),
+        Spacingd(keys=keys, pixdim=plan.target_spacing, mode=modes),
+        ScaleIntensityRangePercentilesd(
+            keys="image",
+            lower=plan.intensity_percentiles[0],
+            upper=plan.intensity_percentiles[1],
+            b_min=0.0,
+            b_max=1.0,
+            clip=True,
+        ),
+        EnsureTyped(keys=keys, dtype=torch.float32),
+    ]
+    return chain
+
+
+def infer_pre_transforms(plan: SpinePlan) -> List[Any]:
+    """Scan file/folder -> ``image`` (1, X, Y, Z) in RAS at the plan's spacing, values 0..1."""
+    return load_and_resample(["image"], plan)
+
+
+def train_pre_transforms(plan: SpinePlan) -> List[Any]:
+    """Image + label -> ``plan.num_samples`` random ROI crops with MR-style augmentation.
+
+    Flips only left-right: superior/inferior order is what defines the levels.
+    """
+    keys = ["image", "label"]
+    return load_and_resample(keys, plan, label_key="label") + [
+        SpatialPadd(keys=keys, spatial_size=plan.roi_size),
+        RandCropByPosNegLabeld(
+            keys=keys,
+            label_key="label",
+            spatial_size=plan.roi_size,
+            pos=2,
+            neg=1,
+            num_samples=plan.num_samples,
+            image_key="image",
+            allow_smaller=False,
+        ),
+        RandAffined(
+            keys=keys,
+            prob=0.3,
+            rotate_range=(math.radians(10),) * 3,
+            scale_range=(0.1,) * 3,
+            mode=("bilinear", "nearest"),
+            padding_mode="zeros",
+        ),
+        RandFlipd(keys=keys, spatial_axis=0, prob=0.5),
+        RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.3)),
+        RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5)),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        RandGaussianNoised(keys="image", prob=0.2, std=0.03),
+        CastToTyped(keys=keys, dtype=(torch.float32, torch.uint8)),
+    ]
+
+
+def val_pre_transforms(plan: SpinePlan) -> List[Any]:
+    """Whole validation volumes (sliding-window inference follows)."""
+    return load_and_resample(["image", "label"], plan, label_key="label")
+
+
+def discrete_post_transforms() -> List[Any]:
+    """Logits (12, X, Y, Z) -> label map (X, Y, Z) uint8 on the same grid."""
+    return [
+        AsDiscreted(keys="pred", argmax=True),
+        SqueezeDimd(keys="pred", dim=0),
+        CastToTyped(keys="pred", dtype=np.uint8),
+    ]
