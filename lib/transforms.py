@@ -126,7 +126,7 @@ def load_and_resample(keys: List[str], plan: SpinePlan, label_key: str | None = 
     if label_key:
         chain.append(ValidateLabeld(keys=label_key))
     chain += [
-        Orientationd(keys=keys, axcodes=MODEL_AXCODES),
+        Orientationd(keys=keys, axcodes=MODEL_AXCODES, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=keys, pixdim=plan.target_spacing, mode=modes),
         ScaleIntensityRangePercentilesd(
             keys="image",

@@ -60,8 +60,8 @@ class SpinePostprocessd(MapTransform):
         result["volumes_ml"] = structure_volumes_ml(array, spacing)
         result["levels"] = report
         d[self.result_key] = result
-        if hasattr(pred, "affine"):
-            d[self.key] = pred.__class__(torch.from_numpy(array), affine=pred.affine, meta=pred.meta)
+        if hasattr(pred, "set_array"):
+            pred.set_array(torch.from_numpy(array))  # keeps the affine and metadata the writer needs
         else:
             d[self.key] = array
         return d
