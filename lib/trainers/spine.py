@@ -9,11 +9,17 @@ The train/validation split is persisted (:mod:`lib.splits`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import time
 from typing import Any, Dict, List
 
+import numpy as np
+
 import torch
+from ignite.engine import Events
 from monai.handlers import LrScheduleHandler, MeanDice, from_engine
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss, DiceFocalLoss
@@ -51,7 +57,7 @@ class SpineTrainTask(BasicTrainTask):
             description="Fine-tune the lumbar spine SwinUNETR on the final labels",
             amp=torch.cuda.is_available(),  # mixed precision only pays (and is only safe) on CUDA
             load_path=weights_path(model_dir),
-            publish_path=weights_path(model_dir),
+            publish_path=None,  # ServingGuard publishes, MONAI Label's handler only writes stats
             stats_path=os.path.join(model_dir, "train_stats.json"),
             val_interval=plan.val_interval,
             n_saved=1,
@@ -133,6 +139,13 @@ class SpineTrainTask(BasicTrainTask):
         # fine-tune from what is serving now; from scratch when nothing is (bootstrap)
         return self._load_path if pretrained and os.path.exists(self._load_path) else None
 
+    def finalize(self, context: Context):
+        super().finalize(context)
+        # MONAI Label publishes a run's best checkpoint even when it is worse than what serves
+        # now; this guard keeps the serving weights unless validation Dice holds.
+        engine = context.evaluator if context.evaluator is not None else context.trainer
+        engine.add_event_handler(Events.EPOCH_COMPLETED, ServingGuard(self, context))
+
     def __call__(self, request, datastore):
         request = dict(request)
         for key in ("dataset", "dataloader", "tracking"):  # clients echo the option lists of /info
@@ -144,6 +157,57 @@ class SpineTrainTask(BasicTrainTask):
         if not datastore.datalist():
             raise ValueError("no image has a 'final' label yet: nothing to train on")
         return super().__call__(request, datastore)
+
+
+class ServingGuard:
+    """Record validation metrics of the serving weights; undo a publication that would regress.
+
+    ``model_dir/spine.json`` holds the serving model's mean validation Dice and the ids of
+    the validation images it was measured on. A run's checkpoint may replace the serving
+    weights only if its Dice on the *same* validation images is at least as good.
+    """
+
+    def __init__(self, task: "SpineTrainTask", context: Context):
+        self.task, self.context = task, context
+        self.serving_path = task._load_path
+        self.metrics_path = os.path.splitext(self.serving_path)[0] + ".json"
+        self.val_ids = sorted(r["id"] for r in context.val_datalist)
+        self.metric_name = "val_mean_dice" if context.evaluator is not None else "train_mean_dice"
+        self.serving = self._load()
+
+    def _load(self) -> Dict[str, Any]:
+        if os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as f:
+                return json.load(f)
+        return {}
+
+    def __call__(self, engine) -> None:
+        metric = float(engine.state.metrics.get(self.metric_name, float("nan")))
+        best = float(engine.state.best_metric)
+        if metric != best or not np.isfinite(metric):
+            return  # not a new best of this run: MONAI Label does not publish either
+        # without validation images there is nothing to compare on: the run's best serves
+        comparable = bool(self.val_ids) and self.serving.get("validation_ids") == self.val_ids
+        previous = float(self.serving.get("val_mean_dice", -1.0)) if comparable else -1.0
+        candidate = os.path.join(self.context.output_dir, self.task._key_metric_filename)
+        if metric < previous:
+            logger.info(f"Candidate val Dice {metric:.4f} < serving {previous:.4f}: serving weights kept")
+            return
+        tmp = f"{self.serving_path}.partial"
+        shutil.copyfile(candidate, tmp)
+        os.replace(tmp, self.serving_path)  # atomic: infer never reads half a file
+        self.serving = {
+            self.metric_name: metric,
+            "validation_ids": self.val_ids,
+            "train_images": len(self.context.train_datalist),
+            "epoch": int(self.context.trainer.state.epoch),
+            "run_id": self.context.run_id,
+            "published": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        with open(f"{self.metrics_path}.partial", "w") as f:
+            json.dump(self.serving, f, indent=1)
+        os.replace(f"{self.metrics_path}.partial", self.metrics_path)
+        logger.info(f"Published weights with val Dice {metric:.4f} (previous {previous:.4f})")
 
 
 def _onehot_post_transforms() -> List[Any]:
