@@ -36,8 +36,18 @@ def test_training_validates_on_a_fixed_split_and_fine_tunes(tmp_path):
     assert "val_mean_dice" in stats["eval"]["metrics"]
     assert (model_dir / "spine.pt").exists()
 
+    serving = json.loads((model_dir / "spine.json").read_text())
+    assert serving["validation_ids"] == split["validation"] and 0 <= serving["val_mean_dice"] <= 1
+
     # the next run fine-tunes from the serving weights
     assert SpineTrainTask(str(model_dir), plan).load_path("unused") == str(model_dir / "spine.pt")
+
+    # a candidate that does worse on the same validation images never replaces the serving model
+    weights_before = (model_dir / "spine.pt").read_bytes()
+    (model_dir / "spine.json").write_text(json.dumps({**serving, "val_mean_dice": 1.5}))
+    SpineTrainTask(str(model_dir), plan)({}, datastore)
+    assert (model_dir / "spine.pt").read_bytes() == weights_before
+    assert json.loads((model_dir / "spine.json").read_text())["val_mean_dice"] == 1.5
 
     # a sixth label arrives: the validation image stays, nothing moves from validation to train
     datastore = make_datastore(tmp_path, cases)
