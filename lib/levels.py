@@ -57,6 +57,7 @@ from scipy import ndimage as ndi
 
 from lib.errors import InvalidInput
 from lib.labels import DISCS, NAMES, VERTEBRAE
+from lib.postprocess import check_label_map
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -102,14 +103,7 @@ class _Instance:
 
 
 def _check_inputs(label: np.ndarray, affine: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    label = np.asarray(label)
-    if label.ndim != 3:
-        raise InvalidInput(f"label map must be 3D, got shape {label.shape}")
-    if label.dtype.kind not in "iub":
-        if label.dtype.kind != "f" or not np.all(np.mod(label, 1) == 0):
-            raise InvalidInput(f"label map must hold integer values, got dtype {label.dtype}")
-    if label.size and (label.min() < 0 or label.max() > 255):
-        raise InvalidInput("label values must lie in 0..255")
+    label = check_label_map(label)
     affine = np.asarray(affine, dtype=float)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InvalidInput(f"affine must be an invertible 4x4 voxel->world matrix, got shape {affine.shape}")

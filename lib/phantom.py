@@ -891,6 +891,18 @@ def _build_anatomy(rng: np.random.Generator, cv: _Canvas, fov) -> Dict[str, Any]
     }
 
 
+
+def _paint_primitives(cv, fr, prims, label, cortex_mm, cortex, marrow):
+    """Paint each (x, s, n ranges, shape function) primitive: cortical shell, then marrow inside."""
+    for xr, sr, nr, f in prims:
+        bx = cv.box(fr, xr, sr, nr)
+        if bx is None:
+            continue
+        sl, X, S, N, _, _ = bx
+        cv.paint(sl, f(X, S, N, 0.0), tissue=cortex, label=label)
+        cv.paint(sl, f(X, S, N, cortex_mm), tissue=marrow)
+
+
 def _paint_posterior(cv: _Canvas, name, v, fr: _Frame, gap, disc_h, CORTEX, PE_MARROW, lab, sacral, mar):
     """Pedicles, lamina, articular, transverse and spinous processes of one vertebra."""
     D, H, ac, wc = v["D"], v["H"], v["ac"], v["wc"]
@@ -935,13 +947,7 @@ def _paint_posterior(cv: _Canvas, name, v, fr: _Frame, gap, disc_h, CORTEX, PE_M
                     S >= 0 + sh) & (S <= H / 2 + 7 - sh)
 
             prims.append(((-xsa - 4, xsa + 4), (0, H / 2 + 7), (n_cw_post + 0.35 * ac - 5, n_cw_post + 0.35 * ac + 5), sap))
-        for xr, sr, nr, f in prims:
-            bx = cv.box(fr, xr, sr, nr)
-            if bx is None:
-                continue
-            sl, X, S, N, _, _ = bx
-            cv.paint(sl, f(X, S, N, 0.0), tissue=CORTEX, label=lab)
-            cv.paint(sl, f(X, S, N, cort), tissue=mar)
+        _paint_primitives(cv, fr, prims, lab, cort, CORTEX, mar)
         return
 
     pw, ph, Lt, Lsp, hsp, psi = v["pw"], v["ph"], v["Lt"], v["Lsp"], v["hsp"], v["psi"]
@@ -1020,13 +1026,7 @@ def _paint_posterior(cv: _Canvas, name, v, fr: _Frame, gap, disc_h, CORTEX, PE_M
             cs.append((bn - ell * cps - mm * sps, bs - ell * sps + mm * cps))
     prims.append(((-tt, tt), (min(c[1] for c in cs), max(c[1] for c in cs)), (min(c[0] for c in cs), max(c[0] for c in cs)),
                   spinous))
-    for xr, sr, nr, f in prims:
-        bx = cv.box(fr, xr, sr, nr)
-        if bx is None:
-            continue
-        sl, X, S, N, _, _ = bx
-        cv.paint(sl, f(X, S, N, 0.0), tissue=CORTEX, label=lab)
-        cv.paint(sl, f(X, S, N, cort), tissue=PE_MARROW)
+    _paint_primitives(cv, fr, prims, lab, cort, CORTEX, PE_MARROW)
 
 
 # ----------------------------------------------------------------------------- I/O

@@ -39,7 +39,8 @@ _SINGLE_COMPONENT = tuple(DISCS) + (CANAL,)
 _FOREGROUND = tuple(VERTEBRAE) + tuple(DISCS) + (CANAL,)
 
 
-def _check_label(label: np.ndarray) -> np.ndarray:
+def check_label_map(label: np.ndarray) -> np.ndarray:
+    """A 3D array of integer values 0..255 as uint8, or :class:`InvalidInput`."""
     label = np.asarray(label)
     if label.ndim != 3:
         raise InvalidInput(f"label map must be 3D, got shape {label.shape}")
@@ -94,7 +95,7 @@ def clean_label(label: np.ndarray, spacing_mm: Sequence[float], min_island_ml: f
         largest 26-connected component, vertebra islands < ``min_island_ml`` removed,
         holes of every structure filled where the voxel is background.
     """
-    label = _check_label(label)
+    label = check_label_map(label)
     if not np.isfinite(min_island_ml) or min_island_ml < 0:
         raise InvalidInput(f"min_island_ml must be >= 0, got {min_island_ml}")
     min_island_voxels = float(min_island_ml) / voxel_volume_ml(spacing_mm)
@@ -134,7 +135,7 @@ def structure_volumes_ml(label: np.ndarray, spacing_mm: Sequence[float]) -> Dict
 
     Rounded to 3 decimals (1 uL); voxels of values outside the table are not counted.
     """
-    label = _check_label(label)
+    label = check_label_map(label)
     counts = np.bincount(label.ravel(), minlength=256)
     voxel_ml = voxel_volume_ml(spacing_mm)
     return {NAMES[v]: round(float(counts[v]) * voxel_ml, 3) for v in sorted(_FOREGROUND)}

@@ -38,7 +38,7 @@ from monai.transforms import (
 )
 
 from lib.errors import InvalidInput
-from lib.io import check_file, unreadable
+from lib.io import MAX_VOXELS, check_file, unreadable
 from lib.labels import IGNORE_VALUE, NUM_CLASSES
 from lib.plans import SpinePlan
 
@@ -71,7 +71,7 @@ class ValidateScand(MapTransform):
     singleton dimensions are accepted (a 3D volume stored as 4D with one frame).
     """
 
-    def __init__(self, keys: KeysCollection, min_size: int = 4, max_voxels: int = 512 * 1024 * 1024):
+    def __init__(self, keys: KeysCollection, min_size: int = 3, max_voxels: int = MAX_VOXELS):
         super().__init__(keys)
         self.min_size = min_size
         self.max_voxels = max_voxels
@@ -90,8 +90,9 @@ class ValidateScand(MapTransform):
                     "(2D images, time series and multi-channel volumes are not supported)"
                 )
             spatial = shape[1:]
-            if min(spatial) < self.min_size and sorted(spatial)[1] < self.min_size:
-                raise InvalidInput(f"{key}: volume {spatial} is too small to be a 3D scan")
+            if min(spatial) < self.min_size:
+                raise InvalidInput(f"{key}: volume {spatial} has fewer than {self.min_size} slices along an axis: "
+                                   "a 3D scan is needed")
             if math.prod(spatial) > self.max_voxels:
                 raise InvalidInput(f"{key}: volume {spatial} exceeds the limit of {self.max_voxels} voxels")
             if not torch.isfinite(torch.as_tensor(img)).all():

@@ -8,7 +8,6 @@ file order and each checks one step.
 
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 
@@ -20,7 +19,7 @@ from monailabel.client import MONAILabelClient
 
 from conftest import Server, reliable_spider_ids, small_scan, snapshot
 from lib.labels import LABELS, NAMES, NUM_CLASSES
-from lib.model_store import model_version, weights_path
+from lib.model_store import model_version
 
 ORIENTATIONS = ["LPS", "PIR", "RAS"]
 

@@ -27,7 +27,8 @@ def test_label_table_is_contiguous_and_complete():
 
 def test_plan_presets_and_overrides():
     default, tiny = SpinePlan.from_conf({}), SpinePlan.from_conf({"preset": "tiny"})
-    assert tiny.feature_size < default.feature_size and tiny.max_epochs == 1
+    assert sum(tiny.depths) < sum(default.depths) and tiny.max_epochs == 1 < default.max_epochs
+    assert min(tiny.target_spacing) > max(default.target_spacing)
     plan = SpinePlan.from_conf({"roi_size": "64,64,32", "target_spacing": "1.5,1,1", "sw_overlap": "0.5",
                                 "model_dir": "/x"})
     assert plan.roi_size == (64, 64, 32) and plan.target_spacing == (1.5, 1.0, 1.0) and plan.sw_overlap == 0.5
