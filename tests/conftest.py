@@ -130,6 +130,12 @@ class Server:
             time.sleep(2)
         raise TimeoutError(f"{kind} still running after {timeout} s:\n{self.log_text()[-4000:]}")
 
+    def run_task(self, kind: str, path: str, params: dict | None = None, timeout: float = 600) -> dict:
+        """Start a train/scoring task and wait for it; one already running (429) is waited for instead."""
+        r = requests.post(f"{self.url}/{kind}/{path}", json=params or {}, timeout=60)
+        assert r.status_code in (200, 429), r.text
+        return self.wait_for_task(kind, timeout)
+
     def stop(self):
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)

@@ -9,6 +9,7 @@ file order and each checks one step.
 from __future__ import annotations
 
 import json
+import time
 import zipfile
 
 import nibabel as nib
@@ -190,7 +191,7 @@ def test_bad_labels_are_refused_and_nothing_is_written(site, defect, status, mes
 def test_one_tiny_epoch_publishes_weights(site):
     server, model_dir = site["server"], site["model_dir"]
     r = requests.post(f"{server.url}/train/spine", json={}, timeout=60)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200, r.text  # nothing else trains: must start
     status = server.wait_for_task("train")
     assert status["status"] == "DONE", "\n".join(status.get("details", []))
     assert (model_dir / "spine.pt").exists()
@@ -283,17 +284,22 @@ def test_corrupt_upload_is_refused(site, tmp_path):
 
 def test_epistemic_scoring_and_next_sample(site):
     server, client = site["server"], site["client"]
-    r = requests.post(f"{server.url}/scoring/epistemic", json={}, timeout=60)
-    assert r.status_code == 200, r.text
-    status = server.wait_for_task("scoring")
+    status = server.run_task("scoring", "epistemic")  # training may already have started one
     assert status["status"] == "DONE", "\n".join(status.get("details", []))
     unlabeled = site["cases"][2:]
     version = model_version(str(site["model_dir"] / "spine.pt"))
-    scores = {}
-    for image_id in unlabeled:
-        info = client.datastore()["objects"][image_id]["image"]["info"]
-        assert info["epistemic_spine"]["model_version"] == version
-        scores[image_id] = info["epistemic_spine"]["score"]
+
+    def scores_seen_by_server():
+        # the scoring subprocess writes .datastore.json; the server reloads it on the file event
+        objects = client.datastore()["objects"]
+        infos = {i: objects[i]["image"]["info"].get("epistemic_spine", {}) for i in unlabeled}
+        return infos if all(info.get("model_version") == version for info in infos.values()) else None
+
+    deadline = time.time() + 30
+    while (infos := scores_seen_by_server()) is None and time.time() < deadline:
+        time.sleep(1)
+    assert infos is not None, f"scores for model {version} not visible: {client.datastore()['objects']}"
+    scores = {image_id: info["score"] for image_id, info in infos.items()}
     assert all(np.isfinite(list(scores.values())))
     answer = requests.post(f"{server.url}/activelearning/epistemic", json={"count": 5}, timeout=30).json()
     assert answer["ids"] == sorted(scores, key=lambda i: -scores[i])
