@@ -33,3 +33,15 @@ class ModelNotTrained(SpineError):
     """No weights yet: the bootstrap phase, before the first training."""
 
     status = 409
+
+
+class Conflict(SpineError):
+    """The request would overwrite or duplicate something that must not be lost."""
+
+    status = 409
+
+
+class TooLarge(SpineError):
+    """An upload over ``max_upload_mb``."""
+
+    status = 413

@@ -6,20 +6,24 @@ maps voxel indices to RAS world coordinates in mm (MONAI/ITK convention, as niba
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
 import shutil
-import zlib
 import tempfile
+import time
 import zipfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
 from monai.transforms import LoadImage
 
-from lib.errors import InvalidInput
+from lib.errors import InvalidInput, TooLarge
 from lib.labels import BACKGROUND, IGNORE_VALUE, NAMES, NUM_CLASSES, value_of
 
 #: what the local datastore lists as scans (a DICOM series is a folder or a .zip of one)
@@ -28,32 +32,159 @@ SCAN_PATTERNS: List[str] = ["*.nii.gz", "*.nii", "*.nrrd", "*.mha", "*.mhd"]
 AFFINE_TOLERANCE_MM = 1e-2  # label and image grids must agree to this precision
 
 
-MAX_VOXELS = 512 * 1024 * 1024  # refuse headers that claim more (memory bomb); 512^3
+MAX_VOXELS = 512**3  # default for refusing headers that claim more (memory bomb)
+MAX_UPLOAD_MB = 1024.0  # default for refusing larger uploads
+UNPACK_FACTOR = 8  # a zipped DICOM series may unpack to this many times max_upload_mb
+PARTIAL_PREFIX = ".partial-"  # hidden folders of atomic writes in progress (never listed as scans)
+
+#: what a client may upload (``.mhd`` needs its separate ``.raw``: not one file)
+UPLOAD_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".zip")
 
 
-def check_file(path: str, max_voxels: int = MAX_VOXELS) -> None:
-    """Cheap checks before a full read: the file exists, and a NIfTI is complete.
+@dataclass
+class Limits:
+    """Server-wide input limits, from ``--conf max_voxels N`` and ``--conf max_upload_mb N``.
+
+    Module-level because the transform chains that read files are built without the
+    app's ``conf``; the server sets them once at start-up with :func:`configure_limits`.
+    """
+
+    max_voxels: int = MAX_VOXELS
+    max_upload_mb: float = MAX_UPLOAD_MB
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+LIMITS = Limits()
+
+
+def configure_limits(conf: Optional[Dict[str, Any]]) -> Limits:
+    """Set :data:`LIMITS` from ``--conf`` strings; refuse nonsense at start-up, not per request."""
+    conf = conf or {}
+    try:
+        max_voxels = int(float(conf.get("max_voxels", MAX_VOXELS)))
+        max_upload_mb = float(conf.get("max_upload_mb", MAX_UPLOAD_MB))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"max_voxels and max_upload_mb must be numbers ({e})") from None
+    if max_voxels <= 0 or max_upload_mb <= 0:
+        raise ValueError(f"max_voxels ({max_voxels}) and max_upload_mb ({max_upload_mb}) must be positive")
+    LIMITS.max_voxels, LIMITS.max_upload_mb = max_voxels, max_upload_mb
+    return LIMITS
+
+
+def scan_extension(name: str) -> str:
+    """The file's scan extension (``.nii.gz`` counts as one), lower case; ``""`` if none known."""
+    lower = name.lower()
+    for ext in sorted({p.lstrip("*") for p in SCAN_PATTERNS} | set(UPLOAD_EXTENSIONS), key=len, reverse=True):
+        if lower.endswith(ext):
+            return ext
+    return ""
+
+
+def _text_header(path: str, end: bytes, limit: int = 1 << 16) -> List[str]:
+    """Lines of a text header (NRRD, MetaImage) up to ``end``, at most ``limit`` bytes."""
+    with open(path, "rb") as f:
+        head = f.read(limit)
+    cut = head.find(end)
+    head = head if cut < 0 else head[:cut]
+    return head.decode("latin-1").splitlines()
+
+
+def header_info(path: str) -> Tuple[Optional[Tuple[int, ...]], Optional[str]]:
+    """``(shape the header claims, external data file or None)`` without reading voxels.
+
+    Shape is ``None`` for formats without a cheap header (DICOM). NRRD and MetaImage can
+    name a separate data file, which an uploaded file must not do (it could point
+    anywhere on the server).
+    """
+    ext = scan_extension(path)
+    name = os.path.basename(path)
+    try:
+        if ext in (".nii", ".nii.gz"):
+            return tuple(int(n) for n in nib.load(path).header.get_data_shape()), None
+        if ext == ".nrrd":
+            return _nrrd_header(path)
+        if ext in (".mha", ".mhd"):
+            return _meta_header(path)
+    except InvalidInput:
+        raise
+    except Exception as e:
+        raise unreadable(path, e) from None
+    return None, None
+
+
+def _nrrd_header(path: str) -> Tuple[Tuple[int, ...], Optional[str]]:
+    lines = _text_header(path, b"\n\n")
+    if not lines or not lines[0].startswith("NRRD000"):
+        raise InvalidInput(f"{os.path.basename(path)}: not an NRRD file (no NRRD magic line)")
+    fields = {}
+    for line in lines[1:]:
+        if ":" in line and not line.startswith("#"):
+            key, _, value = line.partition(":")
+            fields[key.strip().lower()] = value.strip().lstrip("=").strip()
+    if "sizes" not in fields:
+        raise InvalidInput(f"{os.path.basename(path)}: NRRD header has no 'sizes' field")
+    shape = tuple(int(n) for n in fields["sizes"].split())
+    external = fields.get("data file") or fields.get("datafile")
+    return shape, external
+
+
+def _meta_header(path: str) -> Tuple[Tuple[int, ...], Optional[str]]:
+    fields = {}
+    for line in _text_header(path, b"ElementDataFile"):
+        key, _, value = line.partition("=")
+        fields[key.strip().lower()] = value.strip()
+    with open(path, "rb") as f:  # ElementDataFile is the last header line
+        head = f.read(1 << 16)
+    start = head.find(b"ElementDataFile")
+    data_file = head[start:].split(b"\n", 1)[0].partition(b"=")[2].strip().decode("latin-1") if start >= 0 else ""
+    if "dimsize" not in fields:
+        raise InvalidInput(f"{os.path.basename(path)}: MetaImage header has no DimSize")
+    shape = tuple(int(n) for n in fields["dimsize"].split())
+    return shape, (None if data_file.upper() == "LOCAL" else data_file or "(none)")
+
+
+def check_file(path: str, max_voxels: Optional[int] = None) -> None:
+    """Cheap checks before a full read: the file exists and is not empty, its header does
+    not claim more than ``max_voxels`` (default :data:`LIMITS`), and a NIfTI is complete.
 
     ITK silently returns zeros for a truncated ``.nii.gz``, so for NIfTI the header's
     claimed size is compared with the (decompressed) byte count, chunk by chunk.
     """
+    max_voxels = max_voxels or LIMITS.max_voxels
+    name = os.path.basename(path.rstrip("/"))
     if not os.path.exists(path):
-        raise InvalidInput(f"{os.path.basename(path)}: file not found")
-    if not path.lower().endswith((".nii", ".nii.gz")):
-        return
+        raise InvalidInput(f"{name}: file not found")
+    if os.path.isdir(path):
+        return  # a DICOM series folder: ITK checks each slice
+    if os.path.getsize(path) == 0:
+        raise InvalidInput(f"{name}: the file is empty")
+    shape, _ = header_info(path)
+    if shape is not None and math.prod(shape) > max_voxels:
+        raise InvalidInput(f"{name}: header claims {shape} = {math.prod(shape)} voxels, over the limit of {max_voxels}")
+    if scan_extension(path) in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)
+
+
+def _check_nifti_complete(path: str) -> None:
+    """Refuse a NIfTI with fewer (decompressed) bytes than its header promises, or with
+    NaN/infinite intensities (ITK silently reads those as 0), in one streaming pass."""
     name = os.path.basename(path)
     try:
         header = nib.load(path).header
-        shape = tuple(int(n) for n in header.get_data_shape())
-        expected = int(header.get_data_offset()) + math.prod(shape) * header.get_data_dtype().itemsize
+        dtype, offset = header.get_data_dtype(), int(header.get_data_offset())
+        expected = offset + math.prod(header.get_data_shape()) * dtype.itemsize
     except Exception as e:
         raise unreadable(path, e) from None
-    if math.prod(shape) > max_voxels:
-        raise InvalidInput(f"{name}: header claims {shape} = {math.prod(shape)} voxels, over the limit of {max_voxels}")
+    finite = _FiniteCheck(dtype, offset, expected) if dtype.kind in "fc" else None
     size = 0
     try:
         with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
             while chunk := f.read(1 << 22):
+                if finite is not None and not finite.feed(chunk):
+                    raise InvalidInput(f"{name}: the volume contains NaN or infinite intensities")
                 size += len(chunk)
                 if size >= expected:
                     break
@@ -61,6 +192,121 @@ def check_file(path: str, max_voxels: int = MAX_VOXELS) -> None:
         raise InvalidInput(f"{name}: the file is truncated or corrupt ({e})") from None
     if size < expected:
         raise InvalidInput(f"{name}: the file is truncated ({size} of {expected} bytes)")
+
+
+class _FiniteCheck:
+    """Feed a file's bytes in order; tells whether the voxel values seen so far are finite."""
+
+    def __init__(self, dtype: np.dtype, start: int, end: int):
+        self.dtype, self.start, self.end = dtype, start, end
+        self.pos, self.rest = 0, b""  # file position; bytes of a voxel split across chunks
+
+    def feed(self, chunk: bytes) -> bool:
+        lo, hi = max(self.start - self.pos, 0), min(self.end - self.pos, len(chunk))
+        self.pos += len(chunk)
+        if hi <= lo:
+            return True
+        data = self.rest + chunk[lo:hi]
+        whole = len(data) - len(data) % self.dtype.itemsize
+        self.rest = data[whole:]
+        return bool(np.isfinite(np.frombuffer(data[:whole], dtype=self.dtype)).all())
+
+
+def check_upload(path: str, what: str = "upload") -> str:
+    """Checks for a file a client sent, before anything reads its voxels.
+
+    Size within ``max_upload_mb`` (413 otherwise), a known extension, no reference to a
+    separate data file, and :func:`check_file`. Returns the scan extension.
+    """
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    if size > LIMITS.max_upload_bytes:
+        raise TooLarge(f"{what} of {size / 2**20:.1f} MB is over the limit of {LIMITS.max_upload_mb:g} MB (max_upload_mb)")
+    ext = scan_extension(path)
+    if ext not in UPLOAD_EXTENSIONS:
+        raise InvalidInput(f"{what}: file type {''.join(Path(path).suffixes) or '(none)'} is not accepted; "
+                           f"send one of {', '.join(UPLOAD_EXTENSIONS)}")
+    if ext == ".zip":
+        return ext  # unpack_dicom_zip checks the archive
+    check_file(path)
+    _, external = header_info(path)
+    if external:
+        raise InvalidInput(f"{what}: the header refers to a separate data file ({external[:100]!r}); "
+                           "send the image as one file (.nrrd with inline data, .mha, .nii.gz)")
+    return ext
+
+
+def check_volume(array: np.ndarray, name: str, min_size: int = 3) -> None:
+    """Refuse an array that is not one finite 3D volume of at least ``min_size`` slices per axis."""
+    if array.ndim != 3:
+        raise InvalidInput(f"{name}: expected one 3D volume, got array of shape {tuple(array.shape)} "
+                           "(2D images, time series and multi-channel volumes are not supported)")
+    if min(array.shape) < min_size:
+        raise InvalidInput(f"{name}: volume {tuple(array.shape)} has fewer than {min_size} slices along an axis: "
+                           "a 3D scan is needed")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise InvalidInput(f"{name}: the volume contains NaN or infinite intensities")
+
+
+# --- atomic writes ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_output(dest: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path to write; on success it replaces ``dest`` in one step.
+
+    The temporary file sits in a hidden folder next to ``dest`` (same file system, so
+    ``os.replace`` is atomic; hidden, so datastore scans never list it) and keeps
+    ``dest``'s name, so writers that pick the format by suffix still work. It is
+    fsynced before the rename and the folder after it: a crash at any point leaves
+    either the old file or the new one, never a torn file.
+    """
+    dest = os.path.abspath(str(dest))
+    folder = os.path.dirname(dest)
+    tmp_dir = tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=folder)
+    tmp = os.path.join(tmp_dir, os.path.basename(dest))
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, dest)
+        _fsync(folder)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _fsync(path: str) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_copy(src: str, dest: str | os.PathLike) -> str:
+    """Copy ``src`` to ``dest`` atomically (see :func:`atomic_output`)."""
+    with atomic_output(dest) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+    return str(dest)
+
+
+def atomic_write_text(dest: str | os.PathLike, text: str) -> str:
+    """Write ``text`` to ``dest`` atomically (see :func:`atomic_output`)."""
+    with atomic_output(dest) as tmp, open(tmp, "w") as f:
+        f.write(text)
+    return str(dest)
+
+
+def remove_stale_partials(folder: str, max_age_s: float = 3600) -> List[str]:
+    """Remove atomic-write folders left by a crash (older than ``max_age_s``: not one in progress)."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    now = time.time()
+    for entry in os.scandir(folder):
+        if entry.name.startswith(PARTIAL_PREFIX) and entry.is_dir() and now - entry.stat().st_mtime >= max_age_s:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
 
 
 def read_volume(path: str | os.PathLike) -> Tuple[np.ndarray, np.ndarray]:
@@ -90,12 +336,11 @@ def unreadable(path: str, error: Exception) -> InvalidInput:
 def write_label(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> str:
     """Write a uint8 label map as NIfTI with the given RAS affine (atomically)."""
     path = str(path)
-    tmp = path + (".partial.nii.gz" if path.endswith(".nii.gz") else ".partial.nii")  # nibabel picks the format by suffix
     img = nib.Nifti1Image(np.asarray(array, dtype=np.uint8), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        nib.save(img, tmp)
     return path
 
 
@@ -178,6 +423,7 @@ def unpack_dicom_zip(zip_path: str) -> str:
     target = tempfile.mkdtemp(prefix="spine-dicom-")
     try:
         with zipfile.ZipFile(zip_path) as zf:
+            _check_unpacked_size(zf, os.path.basename(zip_path))
             for member in zf.infolist():
                 if member.is_dir():
                     continue
@@ -186,6 +432,9 @@ def unpack_dicom_zip(zip_path: str) -> str:
                     continue
                 with zf.open(member) as src, open(os.path.join(target, name), "wb") as dst:
                     shutil.copyfileobj(src, dst)
+    except InvalidInput:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
     except zipfile.BadZipFile:
         shutil.rmtree(target, ignore_errors=True)
         raise InvalidInput(f"{os.path.basename(zip_path)}: not a valid zip archive of a DICOM series") from None
@@ -193,3 +442,12 @@ def unpack_dicom_zip(zip_path: str) -> str:
         shutil.rmtree(target, ignore_errors=True)
         raise InvalidInput(f"{os.path.basename(zip_path)}: the archive holds no files")
     return target
+
+
+def _check_unpacked_size(zf: zipfile.ZipFile, name: str) -> None:
+    """Refuse a zip bomb: the declared unpacked size is bounded (zipfile never reads past it)."""
+    total = sum(m.file_size for m in zf.infolist())
+    limit = LIMITS.max_upload_bytes * UNPACK_FACTOR
+    if total > limit:
+        raise TooLarge(f"{name}: unpacks to {total / 2**20:.0f} MB, over {limit / 2**20:.0f} MB "
+                       f"({UNPACK_FACTOR} x max_upload_mb)")

@@ -1,20 +1,110 @@
 """Server-level behaviour of the app that MONAI Label leaves to each app.
 
-- the local studies folder is a :class:`lib.datastore.SpineDatastore` (labels checked);
+- the local studies folder is a :class:`lib.datastore.SpineDatastore` (names checked,
+  labels checked, writes atomic);
+- input limits come from ``--conf max_voxels N`` and ``--conf max_upload_mb N``; a
+  request whose body is over ``max_upload_mb`` is answered 413 before it is read;
+- ``/infer`` reads only uploads and datastore images: a client-sent server path (as
+  ``image`` or in ``params``) is refused, and an infer never overwrites a final label;
 - scoring is launched only when the serving model changed since the last launch,
   not on every ``/activelearning`` call (MONAI Label's default).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+import sys
+import tempfile
+from typing import Any, Dict
 
 from monailabel.config import settings
+from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.datastore import SpineDatastore
+from lib.errors import InvalidInput
+from lib.io import LIMITS, check_upload, configure_limits
 from lib.model_store import model_version
 
 logger = logging.getLogger(__name__)
+
+#: ``result_extension`` an infer may ask for (it becomes a temporary file's suffix)
+RESULT_EXTENSION = re.compile(r"(\.[A-Za-z0-9]{1,8}){1,3}")
+UPLOAD_METHODS = {"POST", "PUT", "PATCH"}
+
+
+class UploadLimit:
+    """ASGI middleware: answer 413 to a request whose ``Content-Length`` is over the limit.
+
+    Checked before the body is read, so a huge upload costs neither disk nor time. A
+    chunked body (no length) is checked after upload, file by file (:func:`check_upload`).
+    """
+
+    def __init__(self, app, max_bytes_of=lambda: LIMITS.max_upload_bytes):
+        self.app = app
+        self.max_bytes_of = max_bytes_of
+
+    async def __call__(self, scope, receive, send):
+        length = self._content_length(scope)
+        limit = self.max_bytes_of()
+        if length is not None and length > limit:
+            await self._refuse(send, f"request body of {length / 2**20:.1f} MB is over the limit of "
+                                     f"{limit / 2**20:g} MB (max_upload_mb)")
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _content_length(scope) -> int | None:
+        if scope.get("type") != "http" or scope.get("method") not in UPLOAD_METHODS:
+            return None
+        for key, value in scope.get("headers", []):
+            if key == b"content-length":
+                try:
+                    return int(value)
+                except ValueError:
+                    return None
+        return None
+
+    @staticmethod
+    async def _refuse(send, message: str) -> None:
+        body = json.dumps({"detail": message}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def install_upload_limit() -> bool:
+    """Put :class:`UploadLimit` in front of MONAI Label's FastAPI app, if this is the server.
+
+    The app object is created by ``monailabel.app`` before our app class; when the first
+    request (the start-up event) has already built its middleware stack, wrap the stack.
+    """
+    module = sys.modules.get("monailabel.app")
+    fastapi_app = getattr(module, "app", None)
+    if fastapi_app is None or getattr(fastapi_app, "_spine_upload_limit", False):
+        return False
+    if fastapi_app.middleware_stack is None:
+        fastapi_app.add_middleware(UploadLimit)
+    else:
+        fastapi_app.middleware_stack = UploadLimit(fastapi_app.middleware_stack)
+    fastapi_app._spine_upload_limit = True
+    return True
+
+
+def is_upload(path: Any) -> bool:
+    """Whether ``path`` is a file MONAI Label's endpoints stored from this request's upload.
+
+    They use ``tempfile.NamedTemporaryFile(suffix=...).name``: a ``tmp*`` file directly in
+    the temporary folder. Anything else a client names is a path on the server.
+    """
+    if not isinstance(path, str) or "\0" in path:
+        return False
+    real = os.path.realpath(path)
+    return (os.path.dirname(real) == os.path.realpath(tempfile.gettempdir())
+            and os.path.basename(real).startswith("tmp") and os.path.isfile(real))
 
 
 class SpineServerMixin:
@@ -23,6 +113,9 @@ class SpineServerMixin:
     _scored_version = None
 
     def init_datastore(self):
+        limits = configure_limits(self.conf)
+        logger.info(f"Input limits: {limits}")
+        install_upload_limit()
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
         return SpineDatastore(
@@ -30,6 +123,32 @@ class SpineServerMixin:
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
+
+    def infer(self, request, datastore=None):
+        return super().infer(self._checked_infer_request(request, datastore or self.datastore()), datastore)
+
+    @staticmethod
+    def _checked_infer_request(request: Dict[str, Any], datastore) -> Dict[str, Any]:
+        """Refuse what an infer request must not do, before any file is read.
+
+        ``image``: an upload (checked like any upload) or a datastore id, never a server
+        path. ``label``: an upload only. ``result_extension``: a plain suffix. A saved
+        result goes to the ``original`` tag: an infer must not replace a final label.
+        """
+        image = request.get("image")
+        if is_upload(image):
+            check_upload(image, "image")
+        elif isinstance(image, str) and isinstance(datastore, SpineDatastore):
+            datastore.get_image_uri(image)  # 422 for a bad id, 404 for an unknown one
+        label = request.get("label")
+        if label is not None and not is_upload(label):
+            raise InvalidInput("label: send the file as an upload; server paths are not accepted")
+        ext = request.get("result_extension")
+        if ext and not (isinstance(ext, str) and RESULT_EXTENSION.fullmatch(ext)):
+            raise InvalidInput(f"result_extension {ext!r} is not a file suffix such as '.nii.gz' or '.nrrd'")
+        if request.get("save_label") and str(request.get("label_tag") or "") == DefaultLabelTag.FINAL.value:
+            raise InvalidInput("an infer result cannot be saved as the 'final' label: save it as 'original'")
+        return request
 
     def async_scoring(self, method, params=None):
         path = self.model_config.path
