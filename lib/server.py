@@ -18,9 +18,11 @@ import os
 import re
 import sys
 import tempfile
-from typing import Any, Dict
+from typing import Any, Dict, List
 
+from fastapi.middleware.cors import CORSMiddleware
 from monailabel.config import settings
+from starlette.middleware import Middleware
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.datastore import SpineDatastore
@@ -76,21 +78,25 @@ class UploadLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def install_upload_limit() -> bool:
-    """Put :class:`UploadLimit` in front of MONAI Label's FastAPI app, if this is the server.
+def harden_http_app(cors_origins: List[str]) -> bool:
+    """Put :class:`UploadLimit` in front of MONAI Label's FastAPI app and narrow its CORS.
 
-    The app object is created by ``monailabel.app`` before our app class; when the first
-    request (the start-up event) has already built its middleware stack, wrap the stack.
+    MONAI Label allows every origin (``*`` with credentials) unless an environment
+    variable it cannot serialise is set; here the origins come from ``--conf cors_origins``
+    (comma-separated, default none: the OHIF viewer is served from the same origin and
+    Slicer is no browser). The app object exists before our app class and its middleware
+    stack is already built at start-up, so the stack is rebuilt once.
     """
     module = sys.modules.get("monailabel.app")
     fastapi_app = getattr(module, "app", None)
-    if fastapi_app is None or getattr(fastapi_app, "_spine_upload_limit", False):
+    if fastapi_app is None or getattr(fastapi_app, "_spine_hardened", False):
         return False
-    if fastapi_app.middleware_stack is None:
-        fastapi_app.add_middleware(UploadLimit)
-    else:
-        fastapi_app.middleware_stack = UploadLimit(fastapi_app.middleware_stack)
-    fastapi_app._spine_upload_limit = True
+    for middleware in fastapi_app.user_middleware:
+        if middleware.cls is CORSMiddleware:
+            middleware.kwargs["allow_origins"] = cors_origins
+    fastapi_app.user_middleware.insert(0, Middleware(UploadLimit))
+    fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
+    fastapi_app._spine_hardened = True
     return True
 
 
@@ -115,7 +121,8 @@ class SpineServerMixin:
     def init_datastore(self):
         limits = configure_limits(self.conf)
         logger.info(f"Input limits: {limits}")
-        install_upload_limit()
+        origins = [o.strip() for o in str(self.conf.get("cors_origins", "")).split(",") if o.strip()]
+        harden_http_app(origins)
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
         return SpineDatastore(

@@ -38,7 +38,7 @@ from monai.transforms import (
 )
 
 from lib.errors import InvalidInput
-from lib.io import MAX_VOXELS, check_file, unreadable
+from lib.io import LIMITS, check_file, check_volume, unreadable
 from lib.labels import IGNORE_VALUE, NUM_CLASSES
 from lib.plans import SpinePlan
 
@@ -68,35 +68,23 @@ class ValidateScand(MapTransform):
     """Refuse inputs a segmentation cannot be trusted on, with a message that says why.
 
     Expects channel-first ``(1, X, Y, Z)`` after ``EnsureChannelFirstd``; trailing
-    singleton dimensions are accepted (a 3D volume stored as 4D with one frame).
+    singleton dimensions are accepted (a 3D volume stored as 4D with one frame). The
+    checks are :func:`lib.io.check_volume` and the configured voxel limit
+    (``--conf max_voxels``), the same as for uploads.
     """
-
-    def __init__(self, keys: KeysCollection, min_size: int = 3, max_voxels: int = MAX_VOXELS):
-        super().__init__(keys)
-        self.min_size = min_size
-        self.max_voxels = max_voxels
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            shape = tuple(img.shape)
-            while len(shape) > 4 and shape[-1] == 1:  # (1, X, Y, Z, 1): one frame
+            while img.ndim > 4 and img.shape[-1] == 1:  # (1, X, Y, Z, 1): one frame
                 img = img[..., 0]
-                shape = tuple(img.shape)
-            if len(shape) != 4 or shape[0] != 1:
-                raise InvalidInput(
-                    f"{key}: expected one 3D volume, got array of shape {shape[1:] if shape[0] == 1 else shape} "
-                    "(2D images, time series and multi-channel volumes are not supported)"
-                )
-            spatial = shape[1:]
-            if min(spatial) < self.min_size:
-                raise InvalidInput(f"{key}: volume {spatial} has fewer than {self.min_size} slices along an axis: "
-                                   "a 3D scan is needed")
-            if math.prod(spatial) > self.max_voxels:
-                raise InvalidInput(f"{key}: volume {spatial} exceeds the limit of {self.max_voxels} voxels")
-            if not torch.isfinite(torch.as_tensor(img)).all():
-                raise InvalidInput(f"{key}: the volume contains NaN or infinite intensities")
+            if img.shape[0] != 1:
+                raise InvalidInput(f"{key}: expected one 3D volume, got {img.shape[0]} channels or frames")
+            array = np.asarray(img[0])
+            check_volume(array, key)
+            if array.size > LIMITS.max_voxels:
+                raise InvalidInput(f"{key}: volume {array.shape} exceeds the limit of {LIMITS.max_voxels} voxels")
             d[key] = img
         return d
 

@@ -317,3 +317,12 @@ def test_infer_uses_the_weights_published_by_training(site):
 def test_unknown_image_id_is_404(site):
     r = requests.post(f"{site['server'].url}/infer/spine", params={"image": "nope", "output": "json"}, timeout=60)
     assert r.status_code == 404
+
+
+def test_cors_is_closed_to_other_origins(site):
+    url = site["server"].url
+    r = requests.get(f"{url}/info/", headers={"Origin": "http://evil.example"}, timeout=10)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    preflight = requests.options(f"{url}/datastore/label", timeout=10, headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "PUT"})
+    assert "access-control-allow-origin" not in preflight.headers
