@@ -7,7 +7,10 @@
 - ``/infer`` reads only uploads and datastore images: a client-sent server path (as
   ``image`` or in ``params``) is refused, and an infer never overwrites a final label;
 - scoring is launched only when the serving model changed since the last launch,
-  not on every ``/activelearning`` call (MONAI Label's default).
+  not on every ``/activelearning`` call (MONAI Label's default);
+- training starts on its own when enough new final labels arrived (:mod:`lib.autotrain`),
+  on a label save, after a run, at start-up and periodically; ``/info`` shows the
+  settings and counters under ``auto_train``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import os
 import re
 import sys
 import tempfile
+import threading
+import time
 from typing import Any, Dict, List
 
 from fastapi.middleware.cors import CORSMiddleware
@@ -25,16 +30,19 @@ from monailabel.config import settings
 from starlette.middleware import Middleware
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from lib.autotrain import AutoTrainer, AutoTrainSettings
 from lib.datastore import SpineDatastore
 from lib.errors import InvalidInput
 from lib.io import LIMITS, check_upload, configure_limits
-from lib.model_store import model_version
+from lib.model_store import MODEL_NAME, model_version
 
 logger = logging.getLogger(__name__)
 
 #: ``result_extension`` an infer may ask for (it becomes a temporary file's suffix)
 RESULT_EXTENSION = re.compile(r"(\.[A-Za-z0-9]{1,8}){1,3}")
 UPLOAD_METHODS = {"POST", "PUT", "PATCH"}
+#: states of a MONAI Label task that is queued or running
+ACTIVE_TASK_STATES = ("SUBMITTED", "RUNNING")
 
 
 class UploadLimit:
@@ -117,10 +125,13 @@ class SpineServerMixin:
     """Mixed into the app class in ``apps/spine/main.py`` before ``MONAILabelApp``."""
 
     _scored_version = None
+    _auto_trainer_instance = None
+    _auto_trainer_lock = threading.Lock()
 
     def init_datastore(self):
         limits = configure_limits(self.conf)
         logger.info(f"Input limits: {limits}")
+        logger.info(f"Auto-train: {self.auto_trainer().settings}")  # a bad setting stops the start here
         origins = [o.strip() for o in str(self.conf.get("cors_origins", "")).split(",") if o.strip()]
         harden_http_app(origins)
         if self.studies.startswith(("http://", "https://")):
@@ -168,3 +179,63 @@ class SpineServerMixin:
         self._scored_version = version
         logger.info(f"Scoring unlabeled images with model version {version}")
         return super().async_scoring(method, params)
+
+    # --- retraining on its own (lib/autotrain.py) ---------------------------------------
+    def auto_trainer(self) -> AutoTrainer:
+        with self._auto_trainer_lock:
+            if self._auto_trainer_instance is None:
+                self._auto_trainer_instance = AutoTrainer(
+                    self.model_config.model_dir,
+                    AutoTrainSettings.from_conf(self.conf),
+                    labeled_images=lambda: self.datastore().get_labeled_images(),
+                    training_busy=self._training_busy,
+                    start_training=self._start_auto_training,
+                    wait_finished=self._wait_training_finished,
+                )
+            return self._auto_trainer_instance
+
+    def info(self):
+        meta = super().info()
+        meta["auto_train"] = self.auto_trainer().info()
+        return meta
+
+    def server_mode(self, mode: bool):
+        super().server_mode(mode)
+        if mode:  # the server process only: not the train/scoring subprocesses that build the app too
+            self.auto_trainer().start_periodic()
+
+    def on_save_label(self, image_id, label_id):
+        res = super().on_save_label(image_id, label_id)
+        if self._server_mode:
+            self.auto_trainer().check(f"label {image_id}")
+        return res
+
+    @staticmethod
+    def _train_tasks() -> List[Dict[str, Any]]:
+        from monailabel.utils.async_tasks.utils import tasks
+
+        return list(tasks("train"))
+
+    def _training_busy(self) -> bool:
+        from monailabel.utils.async_tasks.utils import processes
+
+        # a task is SUBMITTED before its process exists: MONAI Label's own check misses it
+        return bool(processes("train")) or any(t.get("status") in ACTIVE_TASK_STATES for t in self._train_tasks())
+
+    def _start_auto_training(self) -> bool:
+        """Start the ``spine`` training as a train request would; False if one already runs.
+
+        Returns once the task's process exists (or after 30 s), so that a train request
+        arriving right after is refused (429) by MONAI Label instead of queued behind it.
+        """
+        task = self.async_training(MODEL_NAME)
+        if not task:
+            return False
+        deadline = time.time() + 30
+        while task.get("status") == "SUBMITTED" and time.time() < deadline:
+            time.sleep(0.05)
+        return True
+
+    def _wait_training_finished(self, poll: float = 2.0) -> None:
+        while self._training_busy():
+            time.sleep(poll)
