@@ -100,7 +100,6 @@ def header_info(path: str) -> Tuple[Optional[Tuple[int, ...]], Optional[str]]:
     anywhere on the server).
     """
     ext = scan_extension(path)
-    name = os.path.basename(path)
     try:
         if ext in (".nii", ".nii.gz"):
             return tuple(int(n) for n in nib.load(path).header.get_data_shape()), None

@@ -81,7 +81,7 @@ TRICKS = [f"../{TOKEN}", f"../../{TOKEN}", f"/tmp/{TOKEN}", f"%2F..%2F{TOKEN}", 
 
 @pytest.mark.parametrize("trick", TRICKS, ids=range(len(TRICKS)))
 def test_path_tricks_are_refused(site, trick):
-    url, studies = site["server"].url, site["studies"]
+    url = site["server"].url
     probe = nifti(site["files"] / "probe.nii.gz", scan(seed=3))
     before = snapshot(site["sandbox"])
     answers = {
