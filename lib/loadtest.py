@@ -110,22 +110,31 @@ class Budget:
 
     def __init__(self, max_requests: int, seconds: float):
         self.left, self.deadline = max_requests, time.monotonic() + seconds
+        self.taken = 0
         self.lock = threading.Lock()
 
-    def take(self) -> bool:
+    def take(self) -> Optional[int]:
+        """The index of the next request, or None when the budget is spent."""
         with self.lock:
             if self.left <= 0 or time.monotonic() >= self.deadline:
-                return False
+                return None
             self.left -= 1
-            return True
+            self.taken += 1
+            return self.taken - 1
+
+
+def is_label_request(index: int, label_share: float) -> bool:
+    """Spread label saves evenly over the request sequence (not by chance: a short run with few
+    requests still mixes both kinds once a few requests have started)."""
+    return int((index + 1) * label_share) > int(index * label_share)
 
 
 def client(url: str, model: str, plan: Plan, budget: Budget, label_share: float, timeout: float,
            outcomes: List[Outcome]) -> None:
     """One client: requests back to back until the budget is spent."""
     with requests.Session() as session:
-        while budget.take():
-            if plan.labels and random.random() < label_share:
+        while (index := budget.take()) is not None:
+            if plan.labels and is_label_request(index, label_share):
                 outcome = timed("label", lambda: save_label(session, url, plan, timeout))
             else:
                 outcome = timed("infer", lambda: infer(session, url, model, plan, timeout))
