@@ -132,38 +132,45 @@ def _nrrd_header(path: str) -> Tuple[Tuple[int, ...], Optional[str]]:
 
 def _meta_header(path: str) -> Tuple[Tuple[int, ...], Optional[str]]:
     fields = {}
-    for line in _text_header(path, b"ElementDataFile"):
+    for line in _text_header(path, b"\n\n"):  # ElementDataFile is the last header line
         key, _, value = line.partition("=")
         fields[key.strip().lower()] = value.strip()
-    with open(path, "rb") as f:  # ElementDataFile is the last header line
-        head = f.read(1 << 16)
-    start = head.find(b"ElementDataFile")
-    data_file = head[start:].split(b"\n", 1)[0].partition(b"=")[2].strip().decode("latin-1") if start >= 0 else ""
+        if key.strip().lower() == "elementdatafile":
+            break
     if "dimsize" not in fields:
         raise InvalidInput(f"{os.path.basename(path)}: MetaImage header has no DimSize")
     shape = tuple(int(n) for n in fields["dimsize"].split())
+    data_file = fields.get("elementdatafile", "")
     return shape, (None if data_file.upper() == "LOCAL" else data_file or "(none)")
 
 
-def check_file(path: str, max_voxels: Optional[int] = None) -> None:
-    """Cheap checks before a full read: the file exists and is not empty, its header does
-    not claim more than ``max_voxels`` (default :data:`LIMITS`), and a NIfTI is complete.
-
-    ITK silently returns zeros for a truncated ``.nii.gz``, so for NIfTI the header's
-    claimed size is compared with the (decompressed) byte count, chunk by chunk.
+def check_header(path: str, max_voxels: Optional[int] = None) -> Optional[str]:
+    """Header-only checks: the file exists and is not empty, and its header does not claim
+    more than ``max_voxels`` (default :data:`LIMITS`). Returns the external data file the
+    header names (NRRD, MetaImage), if any. A DICOM series folder passes: ITK checks each slice.
     """
     max_voxels = max_voxels or LIMITS.max_voxels
     name = os.path.basename(path.rstrip("/"))
     if not os.path.exists(path):
         raise InvalidInput(f"{name}: file not found")
     if os.path.isdir(path):
-        return  # a DICOM series folder: ITK checks each slice
+        return None
     if os.path.getsize(path) == 0:
         raise InvalidInput(f"{name}: the file is empty")
-    shape, _ = header_info(path)
+    shape, external = header_info(path)
     if shape is not None and math.prod(shape) > max_voxels:
         raise InvalidInput(f"{name}: header claims {shape} = {math.prod(shape)} voxels, over the limit of {max_voxels}")
-    if scan_extension(path) in (".nii", ".nii.gz"):
+    return external
+
+
+def check_file(path: str, max_voxels: Optional[int] = None) -> None:
+    """Checks before a full read: :func:`check_header`, and a NIfTI is complete.
+
+    ITK silently returns zeros for a truncated ``.nii.gz``, so for NIfTI the header's
+    claimed size is compared with the (decompressed) byte count, chunk by chunk.
+    """
+    check_header(path, max_voxels)
+    if not os.path.isdir(path) and scan_extension(path) in (".nii", ".nii.gz"):
         _check_nifti_complete(path)
 
 
@@ -214,8 +221,10 @@ class _FiniteCheck:
 def check_upload(path: str, what: str = "upload") -> str:
     """Checks for a file a client sent, before anything reads its voxels.
 
-    Size within ``max_upload_mb`` (413 otherwise), a known extension, no reference to a
-    separate data file, and :func:`check_file`. Returns the scan extension.
+    Size within ``max_upload_mb`` (413 otherwise), a known extension, and the header checks
+    including no reference to a separate data file. The streaming completeness check is
+    left to :func:`check_file`, which every reader runs before it reads the voxels.
+    Returns the scan extension.
     """
     size = os.path.getsize(path) if os.path.isfile(path) else 0
     if size > LIMITS.max_upload_bytes:
@@ -226,8 +235,7 @@ def check_upload(path: str, what: str = "upload") -> str:
                            f"send one of {', '.join(UPLOAD_EXTENSIONS)}")
     if ext == ".zip":
         return ext  # unpack_dicom_zip checks the archive
-    check_file(path)
-    _, external = header_info(path)
+    external = check_header(path)
     if external:
         raise InvalidInput(f"{what}: the header refers to a separate data file ({external[:100]!r}); "
                            "send the image as one file (.nrrd with inline data, .mha, .nii.gz)")
