@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
+from lib.io import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 STATE_FILENAME = "autotrain.json"
@@ -110,14 +112,9 @@ def load_state(path: str) -> AutoTrainState:
 
 
 def save_state(path: str, state: AutoTrainState) -> None:
-    """Write ``state`` atomically: a temporary file in the same folder, then ``os.replace``."""
+    """Write ``state`` atomically (:func:`lib.io.atomic_write_text`)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.partial"
-    with open(tmp, "w") as f:
-        json.dump(asdict(state), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(asdict(state), indent=1))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ import json
 import os
 from typing import Dict, Iterable, List, Tuple
 
+from lib.io import atomic_write_text
+
 
 def _stable_order(image_id: str) -> str:
     return hashlib.sha1(image_id.encode("utf-8")).hexdigest()
@@ -37,11 +39,6 @@ def update_split(path: str, image_ids: Iterable[str], val_fraction: float) -> Tu
         state[side].append(image_id)
     if new:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.partial"
-        with open(tmp, "w") as f:
-            json.dump(state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(state, indent=1))
     present = set(ids)
     return [i for i in state["train"] if i in present], [i for i in state["validation"] if i in present]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Any, Dict, List
 
@@ -27,6 +26,7 @@ from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import Activationsd, AsDiscreted
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
+from lib.io import atomic_copy, atomic_write_text
 from lib.labels import LABELS, NUM_CLASSES
 from lib.model_store import runs_dir, weights_path
 from lib.networks import build_network
@@ -193,9 +193,7 @@ class ServingGuard:
         if metric < previous:
             logger.info(f"Candidate val Dice {metric:.4f} < serving {previous:.4f}: serving weights kept")
             return
-        tmp = f"{self.serving_path}.partial"
-        shutil.copyfile(candidate, tmp)
-        os.replace(tmp, self.serving_path)  # atomic: infer never reads half a file
+        atomic_copy(candidate, self.serving_path)  # infer never reads half a file
         self.serving = {
             self.metric_name: metric,
             "validation_ids": self.val_ids,
@@ -204,9 +202,7 @@ class ServingGuard:
             "run_id": self.context.run_id,
             "published": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        with open(f"{self.metrics_path}.partial", "w") as f:
-            json.dump(self.serving, f, indent=1)
-        os.replace(f"{self.metrics_path}.partial", self.metrics_path)
+        atomic_write_text(self.metrics_path, json.dumps(self.serving, indent=1))
         logger.info(f"Published weights with val Dice {metric:.4f} (previous {previous:.4f})")
 
 
