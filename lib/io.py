@@ -147,13 +147,18 @@ def _meta_header(path: str) -> Tuple[Tuple[int, ...], Optional[str]]:
 def check_header(path: str, max_voxels: Optional[int] = None) -> Optional[str]:
     """Header-only checks: the file exists and is not empty, and its header does not claim
     more than ``max_voxels`` (default :data:`LIMITS`). Returns the external data file the
-    header names (NRRD, MetaImage), if any. A DICOM series folder passes: ITK checks each slice.
+    header names (NRRD, MetaImage), if any. A folder is a DICOM series: the sum of what its
+    slices' headers claim is checked (:func:`dicom_series_voxels`).
     """
     max_voxels = max_voxels or LIMITS.max_voxels
     name = os.path.basename(path.rstrip("/"))
     if not os.path.exists(path):
         raise InvalidInput(f"{name}: file not found")
     if os.path.isdir(path):
+        slices, voxels, largest = dicom_series_voxels(path)
+        if voxels > max_voxels:
+            raise InvalidInput(f"{name}: the DICOM headers claim {voxels} voxels in {slices} slices (largest slice "
+                               f"{largest[0]} x {largest[1]} x {largest[2]} frames), over the limit of {max_voxels}")
         return None
     if os.path.getsize(path) == 0:
         raise InvalidInput(f"{name}: the file is empty")
@@ -161,6 +166,33 @@ def check_header(path: str, max_voxels: Optional[int] = None) -> Optional[str]:
     if shape is not None and math.prod(shape) > max_voxels:
         raise InvalidInput(f"{name}: header claims {shape} = {math.prod(shape)} voxels, over the limit of {max_voxels}")
     return external
+
+
+def dicom_series_voxels(folder: str) -> Tuple[int, int, Tuple[int, int, int]]:
+    """``(image files, voxels claimed in all, largest (rows, columns, frames))`` of the DICOM
+    files directly in ``folder``, from headers only (pixel data is never read).
+
+    ITK allocates what the headers claim before it reads a pixel, so a slice claiming
+    65535 x 65535 in a few hundred bytes would cost gigabytes. Files that are not DICOM
+    images (no Rows/Columns) are skipped, as ITK skips them; the sum over every file is an
+    upper bound of the one series ITK reads.
+    """
+    import pydicom
+
+    slices, voxels, largest = 0, 0, (0, 0, 0)
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(entry.path, stop_before_pixels=True, force=True,
+                                 specific_tags=["Rows", "Columns", "NumberOfFrames"])
+            size = (int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1))
+        except Exception:  # not DICOM, or no image in it: ITK ignores it too
+            continue
+        slices += 1
+        voxels += math.prod(size)
+        largest = max(largest, size, key=math.prod)
+    return slices, voxels, largest
 
 
 def check_file(path: str, max_voxels: Optional[int] = None) -> None:

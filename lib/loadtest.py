@@ -7,8 +7,10 @@ with probability ``--label-share``, saves an existing final label again (downloa
 ``PUT /datastore/label`` with the same bytes: the datastore ends as it started). The
 run is bounded by ``--seconds`` and ``--max-requests``; only loopback servers are
 accepted, so it cannot be pointed at someone else's machine. Prints throughput,
-p50/p95 latency per request kind and the count of each status (``timeout`` and
-``error`` for requests without an HTTP answer).
+p50/p95 latency per request kind (all answers, and the 200s alone) and the count of
+each status (``timeout`` and ``error`` for requests without an HTTP answer). A client
+told 503/429 waits as ``Retry-After`` says, at most ``--max-backoff`` seconds, as a
+polite client would, instead of hammering the server.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import requests
 
 MAX_CLIENTS = 64
 MAX_SECONDS = 3600
+BUSY_STATUSES = ("429", "503")
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Outcome:
     kind: str  # "infer" | "label"
     status: str  # HTTP status code, "timeout" or "error"
     seconds: float
+    retry_after: float = 0.0  # seconds the server asked a refused client to wait
 
 
 @dataclass
@@ -96,13 +100,20 @@ def save_label(session: requests.Session, url: str, plan: Plan, timeout: float) 
 def timed(kind: str, call) -> Outcome:
     """Run one request; its status (or why it has none) and latency."""
     start = time.perf_counter()
+    retry_after = 0.0
     try:
-        status = str(call().status_code)
+        response = call()
+        status = str(response.status_code)
+        if status in BUSY_STATUSES:
+            try:
+                retry_after = max(float(response.headers.get("Retry-After", 1)), 0.0)
+            except ValueError:
+                retry_after = 1.0
     except requests.Timeout:
         status = "timeout"
     except requests.RequestException:
         status = "error"
-    return Outcome(kind, status, time.perf_counter() - start)
+    return Outcome(kind, status, time.perf_counter() - start, retry_after)
 
 
 class Budget:
@@ -130,8 +141,8 @@ def is_label_request(index: int, label_share: float) -> bool:
 
 
 def client(url: str, model: str, plan: Plan, budget: Budget, label_share: float, timeout: float,
-           outcomes: List[Outcome]) -> None:
-    """One client: requests back to back until the budget is spent."""
+           outcomes: List[Outcome], max_backoff: float = 5.0) -> None:
+    """One client: requests back to back until the budget is spent, waiting when told to."""
     with requests.Session() as session:
         while (index := budget.take()) is not None:
             if plan.labels and is_label_request(index, label_share):
@@ -139,35 +150,41 @@ def client(url: str, model: str, plan: Plan, budget: Budget, label_share: float,
             else:
                 outcome = timed("infer", lambda: infer(session, url, model, plan, timeout))
             outcomes.append(outcome)  # list.append is atomic under the GIL
+            if outcome.retry_after:
+                time.sleep(min(outcome.retry_after, max_backoff, max(budget.deadline - time.monotonic(), 0)))
 
 
 def summarise(outcomes: List[Outcome], wall_s: float) -> Dict[str, Dict]:
-    """Per kind: count, ok, throughput, p50/p95 latency (s), statuses."""
+    """Per kind: count, ok, throughput, p50/p95 latency (s) of all answers and of the 200s, statuses."""
     report = {}
     for kind in sorted({o.kind for o in outcomes}):
         mine = [o for o in outcomes if o.kind == kind]
         latencies = np.array([o.seconds for o in mine])
+        ok = np.array([o.seconds for o in mine if o.status == "200"])
         report[kind] = {
             "count": len(mine),
-            "ok": sum(o.status == "200" for o in mine),
+            "ok": len(ok),
             "per_s": round(len(mine) / wall_s, 3) if wall_s else 0.0,
+            "ok_per_s": round(len(ok) / wall_s, 3) if wall_s else 0.0,
             "p50_s": round(float(np.percentile(latencies, 50)), 3),
             "p95_s": round(float(np.percentile(latencies, 95)), 3),
+            "ok_p50_s": round(float(np.percentile(ok, 50)), 3) if len(ok) else None,
+            "ok_p95_s": round(float(np.percentile(ok, 95)), 3) if len(ok) else None,
             "statuses": dict(Counter(o.status for o in mine)),
         }
     return report
 
 
 def run(url: str, clients: int = 8, seconds: float = 60, max_requests: int = 10000, model: str = "spine",
-        label_share: float = 0.25, timeout: float = 120) -> Tuple[Dict[str, Dict], float]:
+        label_share: float = 0.25, timeout: float = 120, max_backoff: float = 5.0) -> Tuple[Dict[str, Dict], float]:
     """Run the load; ``(summary per kind, wall seconds)``."""
     if not 1 <= clients <= MAX_CLIENTS or not 0 < seconds <= MAX_SECONDS or max_requests < 1:
         raise ValueError(f"need 1..{MAX_CLIENTS} clients, 0..{MAX_SECONDS} seconds and max_requests >= 1")
     url = require_loopback(url)
     plan = discover(url, timeout)
     budget, outcomes = Budget(max_requests, seconds), []
-    threads = [threading.Thread(target=client, args=(url, model, plan, budget, label_share, timeout, outcomes),
-                                daemon=True) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(url, model, plan, budget, label_share, timeout, outcomes,
+                                                     max_backoff), daemon=True) for _ in range(clients)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -178,11 +195,13 @@ def run(url: str, clients: int = 8, seconds: float = 60, max_requests: int = 100
 
 
 def format_table(summary: Dict[str, Dict], wall_s: float) -> str:
-    lines = [f"{'kind':<6} {'count':>6} {'ok':>6} {'req/s':>7} {'p50 s':>7} {'p95 s':>7}  statuses"]
+    lines = [f"{'kind':<6} {'count':>6} {'ok':>6} {'req/s':>7} {'ok/s':>7} {'p50 s':>7} {'p95 s':>7} "
+             f"{'ok p50':>7} {'ok p95':>7}  statuses"]
     for kind, s in summary.items():
         statuses = ", ".join(f"{k}: {v}" for k, v in sorted(s["statuses"].items()))
-        lines.append(f"{kind:<6} {s['count']:>6} {s['ok']:>6} {s['per_s']:>7.2f} {s['p50_s']:>7.2f} "
-                     f"{s['p95_s']:>7.2f}  {statuses}")
+        ok_p50, ok_p95 = (f"{v:>7.2f}" if v is not None else f"{'-':>7}" for v in (s["ok_p50_s"], s["ok_p95_s"]))
+        lines.append(f"{kind:<6} {s['count']:>6} {s['ok']:>6} {s['per_s']:>7.2f} {s['ok_per_s']:>7.2f} "
+                     f"{s['p50_s']:>7.2f} {s['p95_s']:>7.2f} {ok_p50} {ok_p95}  {statuses}")
     lines.append(f"wall time {wall_s:.1f} s")
     return "\n".join(lines)
 
@@ -196,11 +215,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--model", default="spine")
     parser.add_argument("--label-share", type=float, default=0.25, help="share of requests that save a label")
     parser.add_argument("--timeout", type=float, default=120, help="per request, seconds")
+    parser.add_argument("--max-backoff", type=float, default=5.0,
+                        help="longest wait (s) after a 503/429, whatever Retry-After says")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     try:
         summary, wall = run(args.url, args.clients, args.seconds, args.max_requests, args.model,
-                            args.label_share, args.timeout)
+                            args.label_share, args.timeout, args.max_backoff)
     except (ValueError, requests.RequestException) as e:
         print(f"loadtest: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,11 @@
   labels checked, writes atomic);
 - input limits come from ``--conf max_voxels N`` and ``--conf max_upload_mb N``; a
   request whose body is over ``max_upload_mb`` is answered 413 before it is read;
+- ``/infer`` runs in a worker thread (MONAI Label computes it on the event loop, which
+  stalls every other request), at most ``--conf max_concurrent_infers`` at once with up to
+  ``--conf max_queued_infers`` waiting; more are answered 503 at once, with ``Retry-After``;
+- with MONAI Label's authentication on, every non-public path needs a valid token and a
+  few need the admin role (:mod:`lib.auth`);
 - ``/infer`` reads only uploads and datastore images: a client-sent server path (as
   ``image`` or in ``params``) is refused, and an infer never overwrites a final label;
 - scoring is launched only when the serving model changed since the last launch,
@@ -15,21 +20,24 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
+import inspect
 import logging
+import math
 import os
 import re
 import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from fastapi.middleware.cors import CORSMiddleware
 from monailabel.config import settings
 from starlette.middleware import Middleware
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from lib.auth import AccessControl, install_token_check, send_json
 from lib.autotrain import AutoTrainer, AutoTrainSettings
 from lib.datastore import SpineDatastore
 from lib.errors import InvalidInput
@@ -43,6 +51,10 @@ RESULT_EXTENSION = re.compile(r"(\.[A-Za-z0-9]{1,8}){1,3}")
 UPLOAD_METHODS = {"POST", "PUT", "PATCH"}
 #: states of a MONAI Label task that is queued or running
 ACTIVE_TASK_STATES = ("SUBMITTED", "RUNNING")
+#: defaults of ``--conf max_concurrent_infers`` / ``max_queued_infers``: one infer already
+#: uses every core (or the GPU), so a second at once only doubles the memory peak
+MAX_CONCURRENT_INFERS = 1
+MAX_QUEUED_INFERS = 4
 
 
 class UploadLimit:
@@ -79,15 +91,146 @@ class UploadLimit:
 
     @staticmethod
     async def _refuse(send, message: str) -> None:
-        body = json.dumps({"detail": message}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 413, {"detail": message})
+
+
+class InferAdmission:
+    """How many infers may compute at once and wait for their turn; the rest are refused.
+
+    ``max_running`` infers hold a slot (a semaphore taken in the worker thread) while up to
+    ``max_queued`` more wait for one; :class:`AdmissionLimit` refuses any request beyond,
+    before its body is read. Counts include a request's upload and response.
+    """
+
+    def __init__(self, max_running: int = MAX_CONCURRENT_INFERS, max_queued: int = MAX_QUEUED_INFERS):
+        self._lock = threading.Lock()
+        self.admitted = self.running = self.refused = 0
+        self.mean_s: float | None = None  # moving average of an infer's compute time
+        self.configure(max_running, max_queued)
+
+    def configure(self, max_running: int, max_queued: int) -> "InferAdmission":
+        if max_running < 1 or max_queued < 0:
+            raise ValueError(f"max_concurrent_infers ({max_running}) must be >= 1 and "
+                             f"max_queued_infers ({max_queued}) >= 0")
+        self.max_running, self.max_queued = max_running, max_queued
+        self.slots = threading.BoundedSemaphore(max_running)
+        return self
+
+    def try_admit(self) -> bool:
+        with self._lock:
+            if self.admitted >= self.max_running + self.max_queued:
+                self.refused += 1
+                return False
+            self.admitted += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.admitted -= 1
+
+    @contextlib.contextmanager
+    def slot(self):
+        """Hold one of ``max_running`` slots for the body (blocks the worker thread until one is free)."""
+        slots = self.slots  # the one acquired is the one released, even if reconfigured meanwhile
+        with slots:
+            with self._lock:
+                self.running += 1
+            start = time.monotonic()
+            try:
+                yield
+            finally:
+                seconds = time.monotonic() - start
+                with self._lock:
+                    self.running -= 1
+                    self.mean_s = seconds if self.mean_s is None else 0.8 * self.mean_s + 0.2 * seconds
+
+    def retry_after(self) -> int:
+        """Seconds after which a refused client may find room: the queue ahead, at the recent pace."""
+        per_infer = self.mean_s if self.mean_s is not None else 5.0
+        return max(1, min(600, math.ceil(per_infer * max(self.admitted, 1) / self.max_running)))
+
+    def info(self) -> Dict[str, Any]:
+        return {"max_concurrent_infers": self.max_running, "max_queued_infers": self.max_queued,
+                "admitted": self.admitted, "running": self.running, "refused": self.refused}
+
+
+#: the server's one admission state (module-level like :data:`lib.io.LIMITS`)
+ADMISSION = InferAdmission()
+
+
+def configure_admission(conf: Optional[Dict[str, Any]]) -> InferAdmission:
+    """Set :data:`ADMISSION` from ``--conf`` strings; nonsense stops the start-up."""
+    conf = conf or {}
+    try:
+        running = int(conf.get("max_concurrent_infers", MAX_CONCURRENT_INFERS))
+        queued = int(conf.get("max_queued_infers", MAX_QUEUED_INFERS))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"max_concurrent_infers and max_queued_infers must be whole numbers ({e})") from None
+    return ADMISSION.configure(running, queued)
+
+
+def infer_path() -> re.Pattern:
+    return re.compile(re.escape(settings.MONAI_LABEL_API_STR) + r"/infer/[^/]+/?")
+
+
+class AdmissionLimit:
+    """ASGI middleware for ``POST /infer/<model>``: beyond :class:`InferAdmission`'s room, 503 at once
+    (JSON ``detail``, ``Retry-After``; the request is not read, nothing is queued); within
+    it, the request goes to ``infer_app`` (:func:`worker_thread_infer_app`).
+    """
+
+    def __init__(self, app, infer_app=None, admission: Optional[InferAdmission] = None):
+        self.app = app
+        self.admission = admission or ADMISSION
+        self.infer_app = infer_app or app
+        self.path = infer_path()
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http" or scope.get("method") != "POST" or not self.path.fullmatch(scope.get("path", "")):
+            return await self.app(scope, receive, send)
+        if not self.admission.try_admit():
+            a = self.admission
+            detail = (f"the server is busy: {a.max_running} infer(s) running and {a.max_queued} waiting "
+                      f"(max_concurrent_infers, max_queued_infers); try again later")
+            await send_json(send, 503, {"detail": detail}, [(b"retry-after", str(a.retry_after()).encode())])
+            return
+        try:
+            await self.infer_app(scope, receive, send)
+        finally:
+            self.admission.leave()
+
+
+def worker_thread_infer_app(admission: Optional[InferAdmission] = None):
+    """An ASGI app serving ``POST /infer/{model}`` from a worker thread, one admission slot per infer.
+
+    MONAI Label's endpoint is ``async`` but computes synchronously, so an infer holds the
+    event loop: every other request (``/info``, label saves) waits, and a limit in front
+    of it never sees a queue. This route has MONAI Label's parameters and role check
+    (its signature) and calls MONAI Label's ``run_inference``, but is a plain function,
+    which FastAPI runs in its thread pool. :class:`AdmissionLimit` sends infers here.
+    """
+    from fastapi import FastAPI
+    from monailabel.endpoints import infer as infer_endpoint
+    from monailabel.utils.others.generic import handle_torch_linalg_multithread
+
+    admission = admission or ADMISSION
+
+    def infer_in_worker_thread(**kwargs):
+        kwargs.pop("user", None)  # checked by the dependency; run_inference does not take it
+        with admission.slot():
+            handle_torch_linalg_multithread(None)  # as MONAI Label does for its own infer threads
+            return infer_endpoint.run_inference(**kwargs)
+
+    infer_in_worker_thread.__signature__ = inspect.signature(infer_endpoint.api_run_inference)
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    app.add_api_route(f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}", infer_in_worker_thread, methods=["POST"])
+    return app
 
 
 def harden_http_app(cors_origins: List[str]) -> bool:
-    """Put :class:`UploadLimit` in front of MONAI Label's FastAPI app and narrow its CORS.
+    """Put :class:`UploadLimit` in front of MONAI Label's FastAPI app and narrow its CORS;
+    behind CORS (so that refusals carry its headers) :class:`lib.auth.AccessControl` when
+    auth is on, then :class:`AdmissionLimit` with infers in worker threads.
 
     MONAI Label allows every origin (``*`` with credentials) unless an environment
     variable it cannot serialise is set; here the origins come from ``--conf cors_origins``
@@ -103,6 +246,10 @@ def harden_http_app(cors_origins: List[str]) -> bool:
         if middleware.cls is CORSMiddleware:
             middleware.kwargs["allow_origins"] = cors_origins
     fastapi_app.user_middleware.insert(0, Middleware(UploadLimit))
+    install_token_check()
+    if settings.MONAI_LABEL_AUTH_ENABLE:
+        fastapi_app.user_middleware.append(Middleware(AccessControl))
+    fastapi_app.user_middleware.append(Middleware(AdmissionLimit, infer_app=worker_thread_infer_app()))
     fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
     fastapi_app._spine_hardened = True
     return True
@@ -131,6 +278,7 @@ class SpineServerMixin:
     def init_datastore(self):
         limits = configure_limits(self.conf)
         logger.info(f"Input limits: {limits}")
+        logger.info(f"Infer admission: {configure_admission(self.conf).info()}")
         logger.info(f"Auto-train: {self.auto_trainer().settings}")  # a bad setting stops the start here
         origins = [o.strip() for o in str(self.conf.get("cors_origins", "")).split(",") if o.strip()]
         harden_http_app(origins)
@@ -197,6 +345,7 @@ class SpineServerMixin:
     def info(self):
         meta = super().info()
         meta["auto_train"] = self.auto_trainer().info()
+        meta["infer_admission"] = ADMISSION.info()
         return meta
 
     def server_mode(self, mode: bool):

@@ -1,21 +1,28 @@
 """Bad input, crashes, load and access, against a real server over HTTP: nothing lost.
 
-One tiny server (random-init tiny weights, synthetic scans, ``max_upload_mb 1``) gets
-path tricks, broken and hostile images, oversized uploads and concurrent load; then it
-is restarted on the same studies folder. The atomic-write primitives are tested directly.
+One tiny server (random-init tiny weights, synthetic scans, ``max_upload_mb 1``, one infer
+at a time with two waiting) gets path tricks, broken and hostile images (DICOM size bombs
+included), oversized uploads, concurrent load and more infers than it admits; its
+training subprocess is killed mid-run; then it is restarted on the same studies folder.
+The atomic-write primitives are tested directly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import psutil
 import pytest
 import requests
 import torch
@@ -25,6 +32,8 @@ from lib.io import atomic_output, atomic_write_text, remove_stale_partials
 
 TOKEN = "escape7f3a"  # every trick names this: a file with it anywhere means something got out
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+MAX_RUNNING, MAX_QUEUED = 1, 2
+SITE_CONF = {"max_upload_mb": 1, "max_concurrent_infers": MAX_RUNNING, "max_queued_infers": MAX_QUEUED}
 
 
 def nifti(path: Path, array: np.ndarray, affine=AFFINE) -> Path:
@@ -57,7 +66,7 @@ def site(tmp_path_factory):
     nifti(studies / "labels" / "final" / "scan_a.nii.gz", label)
     torch.save(build_network(SpinePlan.from_conf({"preset": "tiny"})).state_dict(), model_dir / "spine.pt")
     state = {"root": root, "sandbox": sandbox, "studies": studies, "model_dir": model_dir, "files": files}
-    state["server"] = Server(studies, model_dir, workdir=root, conf={"max_upload_mb": 1})
+    state["server"] = Server(studies, model_dir, workdir=root, conf=SITE_CONF)
     yield state
     state["server"].stop()
 
@@ -233,6 +242,44 @@ def test_bad_images_are_refused_quickly_and_nothing_changes(site, kind, tmp_path
     assert alive(url)
 
 
+def dicom_zip(folder: Path, rows_columns=None) -> Path:
+    """A zipped MR series of ``scan()``; ``rows_columns``: what every slice's header claims instead."""
+    import pydicom
+
+    from lib.dicom import write_dicom_series
+
+    series = folder / "series"
+    paths = write_dicom_series(scan(seed=9), AFFINE, str(series))
+    if rows_columns:
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            ds.Rows, ds.Columns = rows_columns  # the pixel data stays 40 x 40
+            ds.save_as(path)
+    archive = folder / "series.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in paths:
+            zf.write(path, f"series/{Path(path).name}")
+    return archive
+
+
+def test_dicom_slices_claiming_huge_sizes_are_refused(site, tmp_path):
+    """20 slices of a few kB each claim 60000 x 60000 pixels: ITK would allocate 144 GB."""
+    url, studies = site["server"].url, site["studies"]
+    bomb = dicom_zip(tmp_path, rows_columns=(60000, 60000))
+    assert bomb.stat().st_size < 2**20
+    before = snapshot(studies)
+    r = requests.post(f"{url}/infer/spine", params={"output": "json"}, files={"file": ("series.zip", bomb.read_bytes())},
+                      timeout=120)
+    assert r.status_code == 422, (r.status_code, r.text[:300])
+    assert "over the limit" in r.json()["detail"] and "DICOM" in r.json()["detail"]
+    assert snapshot(studies) == before
+    assert alive(url)
+    honest = dicom_zip(tmp_path / "honest")
+    r = requests.post(f"{url}/infer/spine", params={"output": "json"},
+                      files={"file": ("series.zip", honest.read_bytes())}, timeout=300)
+    assert r.status_code == 200, r.text[:300]
+
+
 def test_uploads_over_max_upload_mb_get_413(site, tmp_path):
     url, studies = site["server"].url, site["studies"]
     big = tmp_path / "big.nii.gz"
@@ -332,6 +379,106 @@ def test_load_every_request_succeeds_or_is_turned_away(site):
     assert np.array_equal(np.asanyarray(nib.load(label_path).dataobj), label_before)
 
 
+def admission(url: str) -> dict:
+    return requests.get(f"{url}/info/", timeout=30).json()["infer_admission"]
+
+
+def test_overload_is_refused_at_once_and_the_server_recovers(site):
+    """More concurrent infers than admitted: each gets 200 or 503 with Retry-After; /info answers meanwhile."""
+    url, clients = site["server"].url, MAX_RUNNING + MAX_QUEUED + 5
+    start, answers, seen_busy = threading.Barrier(clients), [], []
+
+    def one_infer():
+        start.wait()
+        answers.append(requests.post(f"{url}/infer/spine", params={"image": "scan_b", "output": "json"}, timeout=300))
+
+    threads = [threading.Thread(target=one_infer) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        state = admission(url)  # answered while infers run: they no longer hold the event loop
+        if state["running"] or state["admitted"]:
+            seen_busy.append(state)
+        time.sleep(0.2)
+    statuses = sorted(r.status_code for r in answers)
+    assert len(answers) == clients and set(statuses) <= {200, 503}, statuses
+    assert 1 <= statuses.count(200) and statuses.count(503) >= 1, statuses
+    for r in answers:
+        if r.status_code == 503:
+            assert "max_concurrent_infers" in r.json()["detail"], r.text
+            assert int(r.headers["Retry-After"]) >= 1
+        else:
+            assert "model_version" in r.json()
+    assert seen_busy and all(s["running"] <= MAX_RUNNING and s["admitted"] <= MAX_RUNNING + MAX_QUEUED
+                             for s in seen_busy), seen_busy
+    after = admission(url)
+    assert after["admitted"] == 0 and after["running"] == 0 and after["refused"] >= statuses.count(503)
+    r = requests.post(f"{url}/infer/spine", params={"image": "scan_b", "output": "json"}, timeout=300)
+    assert r.status_code == 200, r.text[:300]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def train_process(server: Server):
+    """The server's training subprocess (MONAI Label runs ``python -m monailabel.interfaces.utils.app -m train``)."""
+    for child in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            command = child.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if "monailabel.interfaces.utils.app" in command and "train" in command:
+            return child
+    return None
+
+
+def wait_until(predicate, what: str, server: Server, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not seen after {timeout} s:\n{server.log_text()[-3000:]}")
+
+
+def test_killed_training_leaves_the_serving_model_whole(site):
+    """SIGKILL the training subprocess mid-run: spine.pt is the file that served when it died,
+    infers and /info still work with that version, and a new training starts and finishes."""
+    server, weights = site["server"], site["model_dir"] / "spine.pt"
+    r = requests.post(f"{server.url}/train/spine", json={"max_epochs": 1000, "early_stop_patience": 1000}, timeout=60)
+    assert r.status_code == 200, r.text
+    proc = wait_until(lambda: train_process(server), "the training subprocess", server)
+
+    def training_epochs():
+        status = requests.get(f"{server.url}/train/", params={"check_if_running": "false"}, timeout=30).json()
+        assert status.get("status") == "RUNNING", status  # the run must still be going when it is killed
+        return any(re.search(r"Epoch\W+\d", line) for line in status.get("details", []))
+
+    wait_until(training_epochs, "a training epoch", server)
+    proc.suspend()  # frozen first: a publication in progress is either done or not, nothing moves now
+    serving_sha = sha256(weights)
+    serving_version = requests.get(f"{server.url}/info/", timeout=30).json()["models"]["spine"]["model_version"]
+    proc.kill()
+    proc.wait(60)
+    status = server.wait_for_task("train")
+    assert status["status"] in ("ERROR", "STOPPED"), status
+    assert sha256(weights) == serving_sha
+    torch.load(weights, map_location="cpu", weights_only=True)  # whole: a state dict, not a torn file
+    assert not [p for p in site["model_dir"].glob("*.pt") if p.name != "spine.pt" and "partial" in p.name]
+    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    assert info["models"]["spine"]["trained"] is True and info["models"]["spine"]["model_version"] == serving_version
+    r = requests.post(f"{server.url}/infer/spine", params={"image": "scan_b", "output": "json"}, timeout=300)
+    assert r.status_code == 200 and r.json()["model_version"] == serving_version, r.text[:300]
+    # the next training is not blocked by the dead one
+    r = requests.post(f"{server.url}/train/spine", json={}, timeout=60)
+    assert r.status_code == 200, r.text
+    status = server.wait_for_task("train")
+    assert status["status"] == "DONE", "\n".join(status.get("details", []))
+    assert alive(server.url)
+
+
 # --- 5. restart ---------------------------------------------------------------------------
 
 
@@ -345,7 +492,7 @@ def test_restart_lists_the_same_images_and_labels(site):
     before, files_before = listing(server.url), snapshot(studies)
     assert set(before) >= {"scan_a", "scan_b", "scan_c"} and before["scan_a"] == ["final"]
     server.stop()
-    site["server"] = Server(studies, site["model_dir"], workdir=site["root"], conf={"max_upload_mb": 1})
+    site["server"] = Server(studies, site["model_dir"], workdir=site["root"], conf=SITE_CONF)
     assert listing(site["server"].url) == before
     after = snapshot(studies)
     assert {k: v for k, v in after.items() if k != "datastore_v2.json"} == \
