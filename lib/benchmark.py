@@ -1,82 +1,313 @@
-"""Speed and memory of the app's infer path on real scans (figures for notes and the model card).
+"""Speed, memory and agreement of the app's infer path against a stock MONAI pipeline.
 
-    python -m lib.benchmark [--scans FILE ...] [--model FILE] [--threads 2] [--repeat 2] [--conf KEY VALUE ...]
+    python -m lib.benchmark [--model FILE] [--threads 2] [--scans FILE ...] [--fov-source FILE]
+                            [--score-scans FILE ...] [--skip-scoring] [--conf KEY VALUE ...]
 
-For each scan it runs the same code path as ``/infer/spine`` (``SpineSegmenter``): a
-first (cold) infer, then ``--repeat`` warm ones with the model already loaded, and
-prints wall time per stage and the process's peak resident memory. Without trained
-weights (``model/spine.pt`` absent) it uses a freshly initialised network of the
-configured architecture: timings depend on the architecture and the scan, not on the
-weights' values (post-processing of a random output can differ slightly).
+In one process, with the same weights, on the same real scans:
+
+* **stock**: the whole scan resampled to the model spacing, MONAI
+  ``sliding_window_inference`` with ROI 96x96x96, overlap 0.25, gaussian blending,
+  sw_batch_size 1, no cropping, logits inverted to the scan grid, argmax;
+* **app**: ``SpineSegmenter.segment``, the code path of ``/infer/spine`` end to end (load,
+  checks, resample, body crop, sliding window with the plan's ROI, inversion, argmax,
+  clean-up, level assignment, NIfTI writing), first cold (model construction included,
+  as a server's first request), then warm (model already loaded);
+* **app steps**: the app with single optimisations turned off (``--conf`` overrides), so
+  that each step's time and effect on the output are visible.
+
+Agreement is the mean Dice over the structures present in either label, after the app's
+own clean-up and level assignment are applied to the stock output too (untimed), so that
+it measures the pipelines, not the post-processing. Peak memory is the largest resident
+set of the process sampled during the call (model and Python included).
+
+Scans: by default a full-field-of-view sagittal T2 of 512 x 512 x 15 voxels at
+0.6 x 0.6 x 4 mm, resampled from a development scan of ``../shared/data`` (``--fov-source``;
+the development scans are cropped, so voxels outside the source's field of view are 0),
+and the SPIDER sample scans of ``sample-data/``.
+
+Scoring: epistemic (MC-dropout) scores of ``--score-scans`` (default: the development scans
+of ``../shared/data``, at least 10) computed twice, by the full computation (``mc_samples``
+sliding-window passes over the whole scan) and by the app's fast scorer, with the cost of
+each and the Spearman correlation of the two rankings.
+
+The last line reads ``speedup <stock/app warm, full-FOV scan> agreement <dice>``.
+Without trained weights it uses a freshly initialised network: timings hold, agreement
+and ranking then mean little.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+import psutil
 import torch
 
-from lib.model_store import DEFAULT_MODEL_DIR, weights_path
+from lib.labels import NUM_CLASSES
+from lib.model_store import DEFAULT_MODEL_DIR, REPO_ROOT, weights_path
 from lib.networks import build_network
 from lib.plans import SpinePlan
-from lib.segment import SpineSegmenter
 
-SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample-data"
+SAMPLE_DATA = REPO_ROOT / "sample-data"
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+DEFAULT_FOV_SOURCE = SHARED_DATA / "images" / "fcs_IVD_11.nii.gz"
+WORK_DIR = REPO_ROOT / "work" / "benchmark"
+
+#: the stock pipeline's window, fixed by definition (not the plan's)
+STOCK_ROI = (96, 96, 96)
+STOCK_OVERLAP = 0.25
+#: steps of the app that can be switched off, as ``--conf`` overrides
+APP_STEPS: Dict[str, Dict[str, str]] = {
+    "app without body crop": {"crop_to_body": "false"},
+}
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+# --- measurement helpers ------------------------------------------------------------
+class PeakRSS:
+    """Context manager: largest resident set size (MB) of this process while it is open."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._process = psutil.Process()
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2**20)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak_mb = self._process.memory_info().rss / 2**20
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2**20)
 
 
-def default_scans() -> List[Path]:
-    return sorted(SAMPLE_DATA.glob("spider_*.nii.gz"))
+def timed(fn: Callable[[], Any]) -> Tuple[Any, float, float]:
+    """Run ``fn``: (its result, wall seconds, peak RSS in MB)."""
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        result = fn()
+        wall = time.perf_counter() - start
+    return result, wall, peak.peak_mb
 
 
-def run(scans: List[Path], model: str | None, conf: Dict[str, str], repeat: int) -> None:
+def label_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean Dice over the structures (1..11) present in either of two label maps of one grid."""
+    if a.shape != b.shape:
+        raise ValueError(f"label maps differ in shape: {a.shape} vs {b.shape}")
+    scores = []
+    for value in range(1, NUM_CLASSES):
+        in_a, in_b = a == value, b == value
+        total = int(in_a.sum()) + int(in_b.sum())
+        if total:
+            scores.append(2.0 * int(np.logical_and(in_a, in_b).sum()) / total)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+# --- scans ----------------------------------------------------------------------------
+def make_full_fov_scan(source: Path, dest: Path, shape=(512, 512, 15), spacing=(0.6, 0.6, 4.0)) -> Path:
+    """Resample ``source`` onto a sagittal full-field-of-view grid, centred on the source.
+
+    Voxel axes of the result: anterior->posterior, superior->inferior, right->left (the
+    way a scanner stores a sagittal series); trilinear interpolation; 0 outside the
+    source's field of view; int16 like the MR it came from.
+    """
+    import nibabel as nib
+    from scipy import ndimage
+
+    from lib.io import read_volume
+
+    if dest.exists() and dest.stat().st_mtime >= source.stat().st_mtime:
+        return dest
+    data, affine = read_volume(source)
+    directions = np.array([[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # columns P, I, L in RAS
+    target = np.eye(4)
+    target[:3, :3] = directions * np.asarray(spacing)
+    centre = affine[:3, :3] @ ((np.asarray(data.shape) - 1) / 2) + affine[:3, 3]
+    target[:3, 3] = centre - target[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+    voxels = np.indices(shape, dtype=np.float32).reshape(3, -1)
+    to_source = np.linalg.inv(affine) @ target
+    coords = to_source[:3, :3] @ voxels + to_source[:3, 3:4]
+    out = ndimage.map_coordinates(data.astype(np.float32), coords, order=1, cval=0.0).reshape(shape)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.round(out).astype(np.int16), target), str(dest))
+    return dest
+
+
+def default_score_scans() -> List[Path]:
+    images = SHARED_DATA / "images"
+    return sorted(images.glob("spider_*.nii.gz"))[:12] if images.is_dir() else []
+
+
+# --- pipelines ------------------------------------------------------------------------
+def load_network(plan: SpinePlan, model_path: str) -> torch.nn.Module:
+    network = build_network(plan)
+    checkpoint = torch.load(model_path, map_location="cpu")
+    network.load_state_dict(checkpoint.get("model", checkpoint))
+    return network.eval()
+
+
+class StockPipeline:
+    """Resample everything, 96^3 sliding window over the whole scan, invert, argmax."""
+
+    def __init__(self, network: torch.nn.Module, plan: SpinePlan):
+        from monai.transforms import Compose
+
+        from lib.transforms import load_and_resample
+
+        self.network = network
+        self.pre = Compose(load_and_resample(["image"], plan))
+
+    def __call__(self, scan: Path) -> np.ndarray:
+        from monai.inferers import sliding_window_inference
+        from monai.transforms import Invertd
+
+        data = self.pre({"image": str(scan)})
+        with torch.no_grad():
+            logits = sliding_window_inference(
+                data["image"][None], STOCK_ROI, 1, self.network, overlap=STOCK_OVERLAP, mode="gaussian"
+            )[0]
+        data["pred"] = logits
+        data = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=False)(data)
+        return torch.argmax(data["pred"], dim=0).numpy().astype(np.uint8)
+
+
+def postprocess_like_app(label: np.ndarray, affine: np.ndarray, plan: SpinePlan) -> np.ndarray:
+    from lib.levels import assign_levels
+    from lib.postprocess import clean_label
+
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    return assign_levels(clean_label(label, spacing, plan.min_island_ml), affine)[0]
+
+
+# --- the run ----------------------------------------------------------------------------
+def benchmark_infer(scans: Sequence[Path], model_path: str, conf: Dict[str, str], log=print) -> Dict[str, Any]:
+    from lib.io import read_volume
+    from lib.segment import SpineSegmenter
+
     plan = SpinePlan.from_conf(conf)
-    model_path = model or weights_path(str(DEFAULT_MODEL_DIR))
+    results: Dict[str, Any] = {}
+    segmenter, cold_wall = None, None
+    for scan in scans:
+        row: Dict[str, Any] = {}
+        if segmenter is None:  # cold: the model is built and loaded inside the first call
+            def first():
+                nonlocal segmenter
+                segmenter = SpineSegmenter(model_path, conf, device="cpu")
+                return segmenter.segment(scan)
+
+            _, cold_wall, cold_peak = timed(first)
+            row["app_cold_s"], row["app_cold_peak_mb"] = cold_wall, cold_peak
+        app, wall, peak = timed(lambda: segmenter.segment(scan))
+        row.update({"app_s": wall, "app_peak_mb": peak, "app_stages_s": app.report.get("latencies", {})})
+        log(f"{scan.name}: app warm {wall:.2f} s (peak RSS {peak:.0f} MB)"
+            + (f"; cold {row['app_cold_s']:.2f} s" if "app_cold_s" in row else ""))
+        for step, overrides in APP_STEPS.items():
+            variant = SpineSegmenter(model_path, {**conf, **overrides}, device="cpu")
+            variant.segment(scan)  # warm it like the app
+            other, wall_v, peak_v = timed(lambda: variant.segment(scan))
+            row.setdefault("steps", {})[step] = {
+                "s": wall_v, "peak_mb": peak_v, "agreement_with_app": label_agreement(other.label, app.label)}
+            log(f"{scan.name}: {step} {wall_v:.2f} s, agreement with app {label_agreement(other.label, app.label):.4f}")
+            del variant
+        stock_pipeline = StockPipeline(load_network(plan, model_path), plan)
+        stock, wall_s, peak_s = timed(lambda: stock_pipeline(scan))
+        _, affine = read_volume(scan)
+        stock = postprocess_like_app(stock, affine, plan)
+        row.update({"stock_s": wall_s, "stock_peak_mb": peak_s, "agreement": label_agreement(stock, app.label),
+                    "speedup": wall_s / row["app_s"]})
+        log(f"{scan.name}: stock {wall_s:.2f} s (peak RSS {peak_s:.0f} MB); speedup {row['speedup']:.2f}x; "
+            f"agreement {row['agreement']:.4f}")
+        results[scan.name] = row
+    return results
+
+
+def benchmark_scoring(scans: Sequence[Path], model_path: str, conf: Dict[str, str], log=print) -> Dict[str, Any]:
+    from scipy.stats import spearmanr
+
+    from lib.scoring.epistemic import EpistemicScorer
+
+    plan = SpinePlan.from_conf(conf)
+    scorer = EpistemicScorer(load_network(plan, model_path), plan, device="cpu")
+    rows = {}
+    for scan in scans:
+        image = scorer.prepare(str(scan))
+        full, full_s, _ = timed(lambda: scorer.score(image, method="full"))
+        fast, fast_s, _ = timed(lambda: scorer.score(image, method="fast"))
+        rows[scan.name] = {"full": full, "full_s": full_s, "fast": fast, "fast_s": fast_s}
+        log(f"{scan.name}: full {full:.5f} ({full_s:.1f} s), fast {fast:.5f} ({fast_s:.1f} s), "
+            f"{full_s / fast_s:.1f}x cheaper")
+    names = list(rows)
+    rho = float(spearmanr([rows[n]["full"] for n in names], [rows[n]["fast"] for n in names]).correlation) \
+        if len(names) > 2 else float("nan")
+    cost = sum(rows[n]["full_s"] for n in names) / max(sum(rows[n]["fast_s"] for n in names), 1e-9)
+    log(f"scoring: {len(names)} scans, {plan.mc_samples} samples; fast is {cost:.1f}x cheaper than the full "
+        f"computation; Spearman {rho:.3f}")
+    return {"scans": rows, "cost_ratio": cost, "spearman": rho, "samples": plan.mc_samples}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="weights (default: model/spine.pt, else a fresh network)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scans", nargs="*", type=Path, default=None,
+                        help="scans besides the full-FOV one (default: sample-data/spider_*.nii.gz)")
+    parser.add_argument("--fov-source", type=Path, default=DEFAULT_FOV_SOURCE,
+                        help="scan resampled into the full-FOV benchmark scan ('' to skip)")
+    parser.add_argument("--score-scans", nargs="*", type=Path, default=None)
+    parser.add_argument("--skip-scoring", action="store_true")
+    parser.add_argument("--skip-infer", action="store_true")
+    parser.add_argument("--out", type=Path, default=WORK_DIR, help="folder for the generated scan and results.json")
+    parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    conf = dict(args.conf)
+    plan = SpinePlan.from_conf(conf)
+
+    model_path = args.model or weights_path(str(DEFAULT_MODEL_DIR))
     note = ""
     if not os.path.exists(model_path):
         model_path = os.path.join(tempfile.mkdtemp(), "random_init.pt")
         torch.save(build_network(plan).state_dict(), model_path)
-        note = " (no trained weights: freshly initialised network)"
-    print(f"threads {torch.get_num_threads()}; device cpu; plan preset {plan.preset}, feature_size "
-          f"{plan.feature_size}, roi {plan.roi_size}, spacing {plan.target_spacing} mm, overlap {plan.sw_overlap}")
+        note = " (no trained weights: a freshly initialised network; agreement and ranking mean little)"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu; plan {plan.preset}: "
+          f"feature_size {plan.feature_size}, depths {plan.depths}, spacing {plan.target_spacing} mm, "
+          f"roi {plan.roi_size}, overlap {plan.sw_overlap}, mc_samples {plan.mc_samples}")
     print(f"weights {model_path}{note}")
-    start = time.perf_counter()
-    segmenter = SpineSegmenter(model_path, conf, device="cpu")
-    print(f"model construction {time.perf_counter() - start:.2f} s; peak RSS {peak_rss_mb():.0f} MB")
-    for scan in scans:
-        for attempt in range(1 + repeat):
-            start = time.perf_counter()
-            result = segmenter.segment(scan)
-            wall = time.perf_counter() - start
-            lat = result.report.get("latencies", {})
-            stages = ", ".join(f"{k} {lat[k]:.2f}" for k in ("pre", "infer", "invert", "post", "write") if k in lat)
-            kind = "cold" if attempt == 0 else "warm"
-            print(f"{scan.name} {result.label.shape} {kind}: wall {wall:.2f} s ({stages}); "
-                  f"peak RSS {peak_rss_mb():.0f} MB")
 
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scans", nargs="*", type=Path, default=None, help="default: sample-data/spider_*.nii.gz")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=1, help="warm infers after the first")
-    parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    scans = args.scans or default_scans()
-    if not scans:
-        parser.error("no scans given and none found in sample-data/")
-    run(scans, args.model, dict(args.conf), args.repeat)
+    results: Dict[str, Any] = {"model": model_path, "threads": args.threads, "conf": conf}
+    fov = None
+    if not args.skip_infer:
+        scans: List[Path] = []
+        if str(args.fov_source) and args.fov_source.exists():
+            fov = make_full_fov_scan(args.fov_source, args.out / f"full_fov_{args.fov_source.name.split('.')[0]}.nii.gz")
+            scans.append(fov)
+            print(f"full-FOV scan {fov} from {args.fov_source}: 512x512x15 at 0.6x0.6x4 mm")
+        scans += args.scans if args.scans is not None else sorted(SAMPLE_DATA.glob("spider_*.nii.gz"))
+        results["infer"] = benchmark_infer(scans, model_path, conf)
+    if not args.skip_scoring:
+        score_scans = args.score_scans if args.score_scans is not None else default_score_scans()
+        if len(score_scans) >= 3:
+            results["scoring"] = benchmark_scoring(score_scans, model_path, conf)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    headline = results.get("infer", {}).get(fov.name if fov else "", None) or next(iter(results.get("infer", {}).values()), None)
+    if headline:
+        print(f"speedup {headline['speedup']:.2f} agreement {headline['agreement']:.4f}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,11 @@ class SpinePlan:
     # --- preprocessing -------------------------------------------------------------
     target_spacing: Tuple[float, float, float] = (2.0, 1.5, 1.5)  # mm, RAS
     intensity_percentiles: Tuple[float, float] = (0.5, 99.5)  # MR has no absolute scale: robust min/max
+    # Infer and scoring skip the air around the body: a full field of view is mostly air or
+    # soft tissue far from the spine, and every 96-voxel window saved is about a second on a CPU.
+    crop_to_body: bool = True
+    body_threshold: float = 0.05  # normalised intensity (0..1) above which a smoothed voxel is body
+    body_margin: int = 4  # voxels kept around the body's bounding box
     # --- network (SwinUNETR) -------------------------------------------------------
     feature_size: int = 12  # must be a multiple of 12; 12 keeps CPU training and infer fast
     depths: Tuple[int, int, int, int] = (2, 2, 2, 2)
@@ -68,6 +73,9 @@ class SpinePlan:
     cache_rate: float = 1.0
     # --- active learning -----------------------------------------------------------
     mc_samples: int = 5
+    score_method: str = "fast"  # fast | full (see lib/scoring/epistemic.py)
+    score_spacing: Tuple[float, float, float] = (2.0, 3.0, 3.0)  # mm, RAS: the fast scorer's coarser grid
+    score_shared_stages: int = 2  # fast scorer: shallow Swin stages run once, not per sample (0..4)
     # --- bookkeeping ---------------------------------------------------------------
     preset: str = "default"
     extra: Dict[str, str] = field(default_factory=dict, compare=False)
@@ -83,6 +91,8 @@ class SpinePlan:
             raise ValueError(f"target_spacing must be positive, got {self.target_spacing}")
         if not 0 <= self.sw_overlap < 1:
             raise ValueError(f"sw_overlap must lie in [0, 1), got {self.sw_overlap}")
+        if self.score_method not in ("fast", "full"):
+            raise ValueError(f"score_method must be fast or full, got {self.score_method!r}")
         if self.loss not in ("dice_ce", "dice_focal"):
             raise ValueError(f"loss must be dice_ce or dice_focal, got {self.loss!r}")
 

@@ -18,6 +18,7 @@ from monai.config import KeysCollection
 from monai.transforms import (
     AsDiscreted,
     CastToTyped,
+    CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
@@ -130,9 +131,42 @@ def load_and_resample(keys: List[str], plan: SpinePlan, label_key: str | None = 
     return chain
 
 
+def body_mask(image: torch.Tensor, threshold: float, smoothing: int = 5) -> torch.Tensor:
+    """Where the body is: ``image`` (1, X, Y, Z) normalised 0..1 -> bool mask of the same shape.
+
+    A box mean over ``smoothing`` voxels first, so that noise in the air (single bright
+    voxels of a magnitude image) does not stretch the bounding box.
+    """
+    smoothed = torch.nn.functional.avg_pool3d(
+        torch.as_tensor(image, dtype=torch.float32)[None], smoothing, stride=1, padding=smoothing // 2,
+        count_include_pad=False,
+    )[0]
+    return smoothed > threshold
+
+
+def crop_to_body(plan: SpinePlan, keys: KeysCollection = "image") -> List[Any]:
+    """Crop ``image`` (1, X, Y, Z) to the body's bounding box + ``plan.body_margin`` voxels.
+
+    Invertible: the inverse pads back with zeros, which are background logits after argmax
+    (every class 0 -> class 0). Empty when ``plan.crop_to_body`` is off.
+    """
+    if not plan.crop_to_body:
+        return []
+    return [
+        CropForegroundd(
+            keys=keys,
+            source_key="image",
+            select_fn=lambda img: body_mask(img, plan.body_threshold),
+            margin=plan.body_margin,
+            allow_smaller=True,
+        )
+    ]
+
+
 def infer_pre_transforms(plan: SpinePlan) -> List[Any]:
-    """Scan file/folder -> ``image`` (1, X, Y, Z) in RAS at the plan's spacing, values 0..1."""
-    return load_and_resample(["image"], plan)
+    """Scan file/folder -> ``image`` (1, X, Y, Z) in RAS at the plan's spacing, values 0..1,
+    cropped to the body (air removed) when ``plan.crop_to_body``."""
+    return load_and_resample(["image"], plan) + crop_to_body(plan)
 
 
 def train_pre_transforms(plan: SpinePlan) -> List[Any]:

@@ -314,6 +314,17 @@ def test_infer_uses_the_weights_published_by_training(site):
     assert r.json()["model_version"] == model_version(str(weights))
 
 
+def test_a_warm_server_does_not_reload_the_model(site):
+    path = site["reference"] / f"{site['cases'][0]}.nii.gz"
+    results = []
+    for _ in range(2):
+        r = infer_upload(site["server"].url, path)
+        assert r.status_code == 200, r.text
+        results.append(split_multipart(r)[0])
+    assert results[1]["model_loaded"] is False  # the second infer of the same scan reuses the loaded network
+    assert results[0]["model_version"] == results[1]["model_version"]
+
+
 def test_unknown_image_id_is_404(site):
     r = requests.post(f"{site['server'].url}/infer/spine", params={"image": "nope", "output": "json"}, timeout=60)
     assert r.status_code == 404

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from typing import Any, Callable, Dict, Sequence, Tuple
 
 import numpy as np
@@ -83,6 +84,7 @@ class SpineInferTask(BasicInferTask):
             **kwargs,
         )
         self.plan = plan
+        self._request_state = threading.local()  # per request thread: was the network loaded for it?
         # Slicer shows these colours; OHIF reads them from the DICOM SEG.
         self._config.update({"label_colors": {k: list(v) for k, v in COLORS.items()}})
 
@@ -106,6 +108,13 @@ class SpineInferTask(BasicInferTask):
         if not path:
             info["description"] += " (untrained: save labels and run training first)"
         return info
+
+    def _get_network(self, device, data):
+        """MONAI Label's per-device network cache; records whether this request had to load it."""
+        cached = self._networks.get(device)
+        network = super()._get_network(device, data)
+        self._request_state.loaded = cached is None or self._networks.get(device) is not cached
+        return network
 
     # --- pipeline ------------------------------------------------------------------
     def pre_transforms(self, data=None) -> Sequence[Callable]:
@@ -150,4 +159,6 @@ class SpineInferTask(BasicInferTask):
             if unpacked:
                 shutil.rmtree(unpacked, ignore_errors=True)
         result["model_version"] = model_version(path)
+        # False when the network stayed loaded from an earlier request (a warm server)
+        result["model_loaded"] = bool(getattr(self._request_state, "loaded", True))
         return label, result

@@ -6,6 +6,19 @@ score is the mean mutual information (BALD) ``H[mean_s p_s] - mean_s H[p_s]`` (n
 over the voxels any pass calls foreground: high where the passes disagree, i.e. where
 the model's knowledge is thin, not where the image is merely ambiguous.
 
+Two ways to compute it (``--conf score_method full|fast``):
+
+* ``full``: what MONAI Label's epistemic scoring does, ``mc_samples`` sliding-window
+  passes over the whole scan at the model spacing with the infer window layout;
+* ``fast`` (default): two savings. (1) The body-cropped scan is resampled to the coarser
+  ``score_spacing`` and covered by one window shaped to it (the smallest multiple of 32
+  per axis, up to the plan's ROI), without overlap: a scan-level mean needs no
+  full-resolution map. (2) The first ``score_shared_stages`` Swin stages (and the
+  encoder blocks that read them) run once, deterministically, per window; only the
+  deeper stages and the decoder are sampled ``mc_samples`` times
+  (:class:`SharedShallowMC`): at full width the shallow stages are most of the cost.
+  ``python -m lib.benchmark`` measures the cost of both and how well the rankings agree.
+
 Scores are written into the datastore's image info under ``SCORE_KEY`` together with the
 model version; a scan is re-scored only when the serving model changes.
 """
@@ -13,10 +26,12 @@ model version; a scan is re-scored only when the serving model changes.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose
 from monailabel.interfaces.datastore import Datastore
@@ -30,9 +45,10 @@ from lib.transforms import infer_pre_transforms
 logger = logging.getLogger(__name__)
 
 SCORE_KEY = "epistemic_spine"
+EPS = 1e-8
 
 
-def mutual_information(probabilities: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def mutual_information(probabilities: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """BALD per voxel: ``probabilities`` (S, C, X, Y, Z) -> (X, Y, Z) in nats."""
     mean = probabilities.mean(0)
     entropy_of_mean = -(mean * (mean + eps).log()).sum(0)
@@ -48,14 +64,167 @@ def epistemic_score(probabilities: torch.Tensor) -> float:
     return float(region.mean())
 
 
+class RunningMutualInformation:
+    """:func:`epistemic_score` from samples added one at a time, in constant memory.
+
+    Holds the sum of the probabilities, the sum of their entropies and the union of the
+    foregrounds, each the size of one sample, instead of all samples.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.sum_p: Optional[torch.Tensor] = None
+        self.sum_entropy: Optional[torch.Tensor] = None
+        self.foreground: Optional[torch.Tensor] = None
+
+    def add(self, probabilities: torch.Tensor) -> None:
+        """One sample's softmax ``(C, X, Y, Z)``."""
+        p = probabilities.float()
+        entropy = -(p * (p + EPS).log()).sum(0)
+        foreground = p.argmax(0) > 0
+        if self.count == 0:
+            self.sum_p, self.sum_entropy, self.foreground = p.clone(), entropy, foreground
+        else:
+            self.sum_p += p
+            self.sum_entropy += entropy
+            self.foreground |= foreground
+        self.count += 1
+
+    def score(self) -> float:
+        if not self.count:
+            raise ValueError("no samples added")
+        mean = self.sum_p / self.count
+        mi = (-(mean * (mean + EPS).log()).sum(0) - self.sum_entropy / self.count).clamp_min(0)
+        region = mi[self.foreground] if self.foreground.any() else mi.flatten()
+        return float(region.mean())
+
+
+def fitted_roi(shape: Tuple[int, ...], max_roi: Tuple[int, ...], multiple: int = 32) -> Tuple[int, ...]:
+    """Smallest window of multiples of ``multiple`` voxels covering ``shape``, at most ``max_roi``.
+
+    One side stays at least ``2 * multiple``: SwinUNETR's bottleneck needs more than one voxel.
+    """
+    roi = [min(r, multiple * max(1, math.ceil(s / multiple))) for s, r in zip(shape, max_roi)]
+    if all(r == multiple for r in roi):
+        longest = max(range(len(roi)), key=lambda i: (max_roi[i] > multiple, shape[i]))
+        roi[longest] = min(max_roi[longest], 2 * multiple)
+    return tuple(roi)
+
+
+class SharedShallowMC(torch.nn.Module):
+    """SwinUNETR forward for MC dropout that samples only the deep part.
+
+    Input ``(B, 1, X, Y, Z)``; output a tuple of ``samples`` logits ``(B, 12, X, Y, Z)``.
+    The patch embedding, the first ``shared_stages`` Swin stages and the encoder blocks
+    fed by them run once with dropout off; the remaining stages, the bottleneck and the
+    decoder run ``samples`` times with dropout on. Same weights, same layers as
+    ``SwinUNETR.forward`` (MONAI 1.5, ``use_v2=False``).
+    """
+
+    def __init__(self, network: torch.nn.Module, samples: int, shared_stages: int = 2):
+        super().__init__()
+        if getattr(network.swinViT, "use_v2", False):
+            raise ValueError("SharedShallowMC supports SwinUNETR without use_v2")
+        if not 0 <= shared_stages <= 4:
+            raise ValueError(f"shared_stages must lie in 0..4, got {shared_stages}")
+        self.net, self.samples, self.shared_stages = network, samples, shared_stages
+        self.net.eval()
+        vit = self.net.swinViT
+        stages = [vit.layers1, vit.layers2, vit.layers3, vit.layers4]
+        stochastic = ([vit.pos_drop] if shared_stages == 0 else []) + stages[shared_stages:]
+        for part in stochastic:
+            for module in part.modules():
+                if isinstance(module, torch.nn.Dropout | torch.nn.Dropout3d):
+                    module.train()
+
+    def forward(self, x_in: torch.Tensor):
+        net, vit = self.net, self.net.swinViT
+        stages = [vit.layers1, vit.layers2, vit.layers3, vit.layers4]
+        encoders = [net.encoder2, net.encoder3, net.encoder4]  # read hidden states 0, 1, 2
+        enc0 = net.encoder1(x_in)
+        x = vit.pos_drop(vit.patch_embed(x_in))
+        shared = [vit.proj_out(x, net.normalize)]
+        for stage in stages[: self.shared_stages]:
+            x = stage[0](x.contiguous())
+            shared.append(vit.proj_out(x, net.normalize))
+        shared_enc = [enc(h) for enc, h in zip(encoders, shared)]
+        outputs = []
+        for _ in range(self.samples):
+            y, hidden = x, list(shared)
+            if self.shared_stages == 0:  # the embedding's dropout is stochastic too
+                y = vit.pos_drop(vit.patch_embed(x_in))
+                hidden = [vit.proj_out(y, net.normalize)]
+            for stage in stages[self.shared_stages:]:
+                y = stage[0](y.contiguous())
+                hidden.append(vit.proj_out(y, net.normalize))
+            enc = shared_enc + [e(h) for e, h in zip(encoders[len(shared_enc):], hidden[len(shared_enc):3])]
+            dec3 = net.decoder5(net.encoder10(hidden[4]), hidden[3])
+            dec0 = net.decoder2(net.decoder3(net.decoder4(dec3, enc[2]), enc[1]), enc[0])
+            outputs.append(net.out(net.decoder1(dec0, enc0)))
+        return tuple(outputs)
+
+
+class EpistemicScorer:
+    """MC-dropout mutual information of one scan, by the ``full`` or the ``fast`` computation."""
+
+    def __init__(self, network: torch.nn.Module, plan: SpinePlan, device: str | torch.device = "cpu"):
+        self.plan = plan
+        self.device = torch.device(device)
+        self.network = enable_mc_dropout(network.to(self.device))
+        self.pre = Compose(infer_pre_transforms(plan))
+
+    def prepare(self, image_path: str) -> torch.Tensor:
+        """Scan -> ``(1, X, Y, Z)`` at the model spacing, normalised and body-cropped (as infer)."""
+        return self.pre({"image": image_path})["image"]
+
+    def score(self, image: torch.Tensor, method: Optional[str] = None, samples: Optional[int] = None,
+              seed: int = 0) -> float:
+        """Mean mutual information (nats) of ``samples`` stochastic passes over ``image`` (1, X, Y, Z).
+
+        ``seed`` fixes the dropout masks, so a score is reproducible.
+        """
+        method = method or self.plan.score_method
+        samples = int(samples or self.plan.mc_samples)
+        x = torch.as_tensor(image, dtype=torch.float32)[None].to(self.device)
+        if method == "full":
+            inferer = SlidingWindowInferer(self.plan.roi_size, sw_batch_size=self.plan.sw_batch_size,
+                                           overlap=self.plan.sw_overlap, mode="gaussian")
+        elif method == "fast":
+            scale = [a / b for a, b in zip(self.plan.target_spacing, self.plan.score_spacing)]
+            size = [max(1, round(s * f)) for s, f in zip(x.shape[2:], scale)]
+            x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+            inferer = SlidingWindowInferer(fitted_roi(tuple(size), self.plan.roi_size), sw_batch_size=1,
+                                           overlap=0.0, mode="constant")
+        else:
+            raise ValueError(f"score_method must be 'full' or 'fast', got {method!r}")
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        running = RunningMutualInformation()
+        try:
+            with torch.no_grad():
+                if method == "fast":  # all samples in one sweep: shallow part once per window
+                    sampler = SharedShallowMC(self.network, samples, self.plan.score_shared_stages)
+                    for logits in inferer(x, sampler):
+                        running.add(torch.softmax(logits[0], 0).cpu())
+                else:
+                    for _ in range(samples):
+                        running.add(torch.softmax(inferer(x, self.network)[0], 0).cpu())
+        finally:
+            torch.random.set_rng_state(generator_state)
+            enable_mc_dropout(self.network)  # SharedShallowMC switched the shallow dropout off
+        return running.score()
+
+
 class EpistemicScoring(ScoringMethod):
     def __init__(self, model_dir: str, plan: SpinePlan):
-        super().__init__(f"Epistemic uncertainty (MC dropout, {plan.mc_samples} samples, mutual information)")
+        super().__init__(f"Epistemic uncertainty (MC dropout, {plan.mc_samples} samples, mutual information, "
+                         f"{plan.score_method} computation)")
         self.model_dir = model_dir
         self.plan = plan
 
     def info(self) -> Dict[str, Any]:
-        return {"description": self.description, "samples": self.plan.mc_samples, "key": SCORE_KEY}
+        return {"description": self.description, "samples": self.plan.mc_samples, "key": SCORE_KEY,
+                "method": self.plan.score_method}
 
     def __call__(self, request, datastore: Datastore):
         path = weights_path(self.model_dir)
@@ -65,40 +234,30 @@ class EpistemicScoring(ScoringMethod):
             logger.info("Epistemic scoring skipped: the model is untrained")
             return {"scored": 0, "skipped": "model untrained"}
         samples = int(request.get("samples", self.plan.mc_samples))
+        stamp = {"model_version": version, "samples": samples, "method": self.plan.score_method}
         todo = [
             image_id
             for image_id in datastore.get_unlabeled_images()
-            if (datastore.get_image_info(image_id).get(SCORE_KEY) or {}).get("model_version") != version
-            or (datastore.get_image_info(image_id).get(SCORE_KEY) or {}).get("samples") != samples
+            if any((datastore.get_image_info(image_id).get(SCORE_KEY) or {}).get(k) != v for k, v in stamp.items())
         ]
         if not todo:
             return {"scored": 0, "model_version": version}
 
         device = select_device(request.get("device"))
-        network = build_network(self.plan).to(device)
-        checkpoint = torch.load(path, map_location=device)
+        network = build_network(self.plan)
+        checkpoint = torch.load(path, map_location="cpu")
         network.load_state_dict(checkpoint.get("model", checkpoint))
-        enable_mc_dropout(network)
-        pre = Compose(infer_pre_transforms(self.plan))
-        inferer = SlidingWindowInferer(
-            roi_size=self.plan.roi_size,
-            sw_batch_size=self.plan.sw_batch_size,
-            overlap=self.plan.sw_overlap,
-            mode="gaussian",
-        )
+        scorer = EpistemicScorer(network, self.plan, device)
         scored = {}
         for image_id in todo:
             start = time.time()
             try:
-                image = pre({"image": datastore.get_image_uri(image_id)})["image"][None].to(device)
+                image = scorer.prepare(datastore.get_image_uri(image_id))
             except Exception as e:  # one unreadable scan must not stop the others
                 logger.warning(f"Epistemic scoring: cannot read {image_id}: {e}")
                 continue
-            with torch.no_grad():
-                probs = torch.stack([torch.softmax(inferer(image, network)[0], 0) for _ in range(samples)])
-            score = epistemic_score(probs.float().cpu())
-            info = {"score": score, "model_version": version, "samples": samples, "ts": int(time.time())}
-            datastore.update_image_info(image_id, {SCORE_KEY: info})
+            score = scorer.score(image, samples=samples)
+            datastore.update_image_info(image_id, {SCORE_KEY: {"score": score, **stamp, "ts": int(time.time())}})
             scored[image_id] = score
             logger.info(f"Epistemic score {image_id}: {score:.5f} ({time.time() - start:.1f} s)")
         return {"scored": len(scored), "model_version": version, "scores": scored}
