@@ -13,8 +13,14 @@ The decision is :func:`decide` (pure). It is taken on every label save, after a 
 once at start-up and, with an interval, periodically. One training at a time: while a
 train task is submitted or running nothing is started, and labels saved meanwhile count
 for the next run ("new" = final-labelled images that were not labelled when the last run
-started). The counters live in ``model_dir/autotrain.json`` (written atomically) so that
-a restarted server goes on where it stopped.
+started); a check refused because a run is busy is taken again when that run ends.
+Images held out for testing (:func:`lib.splits.test_ids`) are never counted.
+
+Every run moves the counters, also one an annotator starts (``POST /train/spine``): the
+train task calls :func:`record_run_start`, which counts a run the auto-trainer did not
+start itself. The counters live in ``model_dir/autotrain.json`` (written atomically,
+under a file lock, read again when another process changed it) so that a restarted
+server goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
+from filelock import FileLock
+
 from lib.io import atomic_write_text
+from lib.splits import split_path, test_ids
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +92,8 @@ class AutoTrainState:
     last_start: Optional[float] = None  # seconds since the epoch
     runs_started: int = 0
     last_reason: str = ""
+    #: False between the auto-trainer starting a run and that run's :func:`record_run_start`
+    run_claimed: bool = True
 
     def new_labels(self, labeled: Iterable[str]) -> int:
         return len(set(labeled) - set(self.labeled_at_last_start))
@@ -90,6 +101,7 @@ class AutoTrainState:
     def summary(self) -> Dict[str, Any]:
         d = asdict(self)
         d.pop("labeled_at_last_start")
+        d.pop("run_claimed")
         d["last_start_iso"] = (time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.last_start))
                                if self.last_start is not None else None)
         return d
@@ -115,6 +127,34 @@ def save_state(path: str, state: AutoTrainState) -> None:
     """Write ``state`` atomically (:func:`lib.io.atomic_write_text`)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write_text(path, json.dumps(asdict(state), indent=1))
+
+
+def state_lock(path: str) -> FileLock:
+    """The lock every writer of the counters holds (the server, and train processes)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return FileLock(f"{path}.lock")
+
+
+def record_run_start(model_dir: str, labeled: Iterable[str], now: Optional[float] = None) -> AutoTrainState:
+    """Called by the train task as a run starts, with the ids of the images it learns from.
+
+    A run the auto-trainer started was counted when it started it (``run_claimed``
+    False): it is only claimed. Any other run (a train request) is counted here, so that
+    the labels it trained on are no longer "new".
+    """
+    path = os.path.join(model_dir, STATE_FILENAME)
+    with state_lock(path):
+        state = load_state(path)
+        if not state.run_claimed:
+            state.run_claimed = True
+        else:
+            excluded = set(test_ids(split_path(model_dir)))
+            labeled = sorted(set(labeled) - excluded)
+            state = AutoTrainState(final_labels_at_last_start=len(labeled), labeled_at_last_start=labeled,
+                                   last_start=time.time() if now is None else now,
+                                   runs_started=state.runs_started + 1, last_reason="train request")
+        save_state(path, state)
+    return state
 
 
 @dataclass(frozen=True)
@@ -163,38 +203,71 @@ class AutoTrainer:
                  training_busy: Callable[[], bool], start_training: Callable[[], bool],
                  wait_finished: Callable[[], None] | None = None):
         self.settings = settings
+        self.model_dir = model_dir
         self.path = os.path.join(model_dir, STATE_FILENAME)
-        self.state = load_state(self.path)
+        self._state, self._state_stamp = load_state(self.path), self._stamp()
         self._labeled_images, self._training_busy = labeled_images, training_busy
         self._start_training, self._wait_finished = start_training, wait_finished
         self._lock = threading.Lock()
+        self._waiting = threading.Lock()  # held by the one thread that waits for a busy run to end
         self._timer: threading.Thread | None = None
         self._stop = threading.Event()
+
+    def _stamp(self):
+        try:
+            stat = os.stat(self.path)
+            return stat.st_mtime_ns, stat.st_size
+        except OSError:
+            return None
+
+    @property
+    def state(self) -> AutoTrainState:
+        """The counters, read again when a train process changed the file (:func:`record_run_start`)."""
+        stamp = self._stamp()
+        if stamp != self._state_stamp:
+            self._state, self._state_stamp = load_state(self.path), stamp
+        return self._state
+
+    def labeled(self) -> List[str]:
+        """Images with a final label that training may use (test images left out)."""
+        excluded = set(test_ids(split_path(self.model_dir)))
+        return [i for i in self._labeled_images() if i not in excluded]
 
     def check(self, trigger: str = "label", periodic: bool = False) -> Decision:
         """Decide and, if so, start a training; never raises (a label save must not fail)."""
         try:
             with self._lock:
-                labeled = list(self._labeled_images())
+                labeled = self.labeled()
                 state = self.state
+                busy = self._training_busy()
                 decision = decide(self.settings, len(labeled), state.new_labels(labeled), state.runs_started,
-                                  self._training_busy(), periodic=periodic, last_start=state.last_start)
+                                  busy, periodic=periodic, last_start=state.last_start)
                 if not decision.start:
                     logger.debug(f"Auto-train ({trigger}): not starting: {decision.reason}")
+                    if busy and self.settings.enabled:  # e.g. a run someone else started: look again after it
+                        self._check_after_run()
                     return decision
-                if not self._start_training():
-                    return Decision(False, "a training is already running")
-                self.state = AutoTrainState(final_labels_at_last_start=len(labeled),
-                                            labeled_at_last_start=sorted(labeled), last_start=time.time(),
-                                            runs_started=state.runs_started + 1, last_reason=decision.reason)
-                save_state(self.path, self.state)
-                logger.info(f"Auto-train ({trigger}): started run {self.state.runs_started}: {decision.reason}")
-            if self._wait_finished is not None:  # labels saved during the run may be enough for the next
-                threading.Thread(target=self._after_run, name="autotrain-after-run", daemon=True).start()
+                with state_lock(self.path):
+                    if not self._start_training():
+                        return Decision(False, "a training is already running")
+                    self._state = AutoTrainState(final_labels_at_last_start=len(labeled),
+                                                 labeled_at_last_start=sorted(labeled), last_start=time.time(),
+                                                 runs_started=state.runs_started + 1, last_reason=decision.reason,
+                                                 run_claimed=False)
+                    save_state(self.path, self._state)
+                    self._state_stamp = self._stamp()
+                logger.info(f"Auto-train ({trigger}): started run {self._state.runs_started}: {decision.reason}")
+            self._check_after_run()  # labels saved during the run may be enough for the next
             return decision
         except Exception:
             logger.exception(f"Auto-train ({trigger}) check failed")
             return Decision(False, "error")
+
+    def _check_after_run(self) -> None:
+        """One thread (at most) that waits for the running training and then checks again."""
+        if self._wait_finished is None or not self._waiting.acquire(blocking=False):
+            return
+        threading.Thread(target=self._after_run, name="autotrain-after-run", daemon=True).start()
 
     def _after_run(self) -> None:
         try:
@@ -202,12 +275,14 @@ class AutoTrainer:
         except Exception:
             logger.exception("Auto-train: waiting for the run failed")
             return
+        finally:
+            self._waiting.release()
         self.check("after run")
 
     def info(self) -> Dict[str, Any]:
         state = self.state  # replaced whole, never mutated: no lock needed to read
         try:
-            labeled = list(self._labeled_images())
+            labeled = self.labeled()
         except Exception:
             labeled = []
         return {

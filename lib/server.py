@@ -37,6 +37,7 @@ from monailabel.config import settings
 from starlette.middleware import Middleware
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from lib.admin import install_admin, versions_info
 from lib.auth import AccessControl, install_token_check, send_json
 from lib.autotrain import AutoTrainer, AutoTrainSettings
 from lib.datastore import SpineDatastore
@@ -345,6 +346,7 @@ class SpineServerMixin:
     def info(self):
         meta = super().info()
         meta["auto_train"] = self.auto_trainer().info()
+        meta["versions"] = versions_info(self)  # serving version, its metrics, versions, training state
         meta["infer_admission"] = ADMISSION.info()
         return meta
 
@@ -352,6 +354,7 @@ class SpineServerMixin:
         super().server_mode(mode)
         if mode:  # the server process only: not the train/scoring subprocesses that build the app too
             self.auto_trainer().start_periodic()
+            install_admin(self)  # version routes; rescoring when the serving version changes
 
     def on_save_label(self, image_id, label_id):
         res = super().on_save_label(image_id, label_id)

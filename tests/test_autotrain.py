@@ -12,7 +12,8 @@ import requests
 
 from conftest import Server, reliable_spider_ids, small_scan
 from lib.autotrain import (STATE_FILENAME, AutoTrainer, AutoTrainSettings, AutoTrainState, decide, load_state,
-                           save_state)
+                           record_run_start, save_state)
+from lib.splits import assign, split_path
 from test_server import put_label  # our label values, no label_info
 
 S = AutoTrainSettings(min_labels=2, new_labels=5)
@@ -120,6 +121,45 @@ def test_relabelling_an_image_is_not_a_new_label(tmp_path):
     assert not auto.check().start  # "a" saved again: nothing new
     fake.labeled = ["a", "b"]
     assert auto.check().start
+
+
+def wait_until(condition, timeout=5.0):
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_run_started_by_a_train_request_moves_the_counters(tmp_path):
+    fake = FakeTrainer()
+    auto = fake.make(tmp_path)
+    fake.labeled = ["a", "b"]
+    assert auto.check().start  # automatic run 1 ...
+    record_run_start(str(tmp_path), ["a", "b"])  # ... whose train process only claims it
+    assert auto.state.runs_started == 1
+    fake.finish()
+    assert wait_until(lambda: not auto._waiting.locked())  # the check after the run: nothing new
+    fake.labeled = ["a", "b", "c", "d", "e", "f"]
+    fake.running = True  # an annotator's train request: the train process counts it
+    fake.done.clear()
+    record_run_start(str(tmp_path), fake.labeled)
+    assert auto.state.runs_started == 2 and auto.state.last_reason == "train request"
+    assert auto.info()["new_final_labels"] == 0 and auto.info()["final_labels_at_last_start"] == 6
+    fake.labeled = fake.labeled + ["g", "h", "i", "j", "k"]  # saved during that run: refused (busy) ...
+    assert not auto.check().start
+    fake.finish()  # ... and counted for the run after it
+    assert wait_until(lambda: fake.starts == 2)
+    assert auto.state.runs_started == 3 and auto.state.final_labels_at_last_start == 11
+
+
+def test_test_images_are_not_counted(tmp_path):
+    fake = FakeTrainer()
+    auto = fake.make(tmp_path, AutoTrainSettings(min_labels=2, new_labels=1))
+    assign(split_path(str(tmp_path)), {"test": ["t1", "t2"]})
+    fake.labeled = ["a", "t1", "t2"]
+    assert not auto.check().start and auto.info()["final_labels"] == 1
+    state = record_run_start(str(tmp_path), ["a", "b", "t1"])
+    assert state.labeled_at_last_start == ["a", "b"]
 
 
 def test_off_starts_nothing(tmp_path):

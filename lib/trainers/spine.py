@@ -4,39 +4,42 @@ Recipe (all numbers from the plan): DiceCE (or DiceFocal) with optional class we
 AdamW, linear warm-up then cosine decay (per epoch), sliding-window validation with
 mean Dice over the 11 structures, early stopping on it, AMP only on CUDA, CacheDataset,
 TensorBoard events in the run folder, ``train_stats.json`` for Slicer's progress bar.
-The train/validation split is persisted (:mod:`lib.splits`).
+The train/validation split is persisted (:mod:`lib.splits`); test images are left out.
+
+When the run ends its best checkpoint becomes a version (:mod:`lib.versions`), measured
+by :func:`measure` (mean and per-structure Dice) on the validation images, and serves
+only if it does at least as well as the serving model on the same images
+(:class:`ServingGuard`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from typing import Any, Dict, List
-
-import numpy as np
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from ignite.engine import Events
 from monai.handlers import LrScheduleHandler, MeanDice, from_engine
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss, DiceFocalLoss
 from monai.optimizers import WarmupCosineSchedule
-from monai.transforms import Activationsd, AsDiscreted
+from monai.transforms import Activationsd, AsDiscreted, Compose
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from lib.io import atomic_copy, atomic_write_text
-from lib.labels import LABELS, NUM_CLASSES
-from lib.model_store import runs_dir, weights_path
+from lib import versions
+from lib.autotrain import record_run_start
+from lib.labels import BACKGROUND, LABELS, NAMES, NUM_CLASSES
+from lib.model_store import file_sha256, model_version, runs_dir, weights_path
 from lib.networks import build_network
 from lib.plans import SpinePlan
-from lib.splits import update_split
+from lib import splits
+from lib.splits import split_path, test_ids, update_split
 from lib.transforms import train_pre_transforms, val_pre_transforms
 
 logger = logging.getLogger(__name__)
 
-SPLIT_FILENAME = "split.json"
+SPLIT_FILENAME = splits.SPLIT_FILENAME  # its home is lib.splits; named here too for lib.train_recipe
 
 
 def image_key(record: Dict[str, Any]) -> str:
@@ -75,7 +78,8 @@ class SpineTrainTask(BasicTrainTask):
             },
             **kwargs,
         )
-        self.split_path = os.path.join(model_dir, SPLIT_FILENAME)
+        self.split_path = split_path(model_dir)
+        self._guard: Optional[ServingGuard] = None
 
     # --- model and optimisation ------------------------------------------------------
     def network(self, context: Context):
@@ -107,9 +111,12 @@ class SpineTrainTask(BasicTrainTask):
         return [dict(r, id=image_key(r)) for r in datastore.datalist()]
 
     def partition_datalist(self, context: Context, shuffle=False):
+        """The persisted split (:func:`lib.splits.update_split`); test images are in neither list."""
         records = {r["id"]: r for r in context.datalist}
         train_ids, val_ids = update_split(self.split_path, records, self.plan.val_fraction)
-        logger.info(f"Fixed split ({self.split_path}): {len(train_ids)} train, {len(val_ids)} validation")
+        held_out = len(set(records) & set(test_ids(self.split_path)))
+        logger.info(f"Fixed split ({self.split_path}): {len(train_ids)} train, {len(val_ids)} validation, "
+                    f"{held_out} test images left out")
         return [records[i] for i in train_ids], [records[i] for i in val_ids]
 
     def train_pre_transforms(self, context: Context):
@@ -141,10 +148,9 @@ class SpineTrainTask(BasicTrainTask):
 
     def finalize(self, context: Context):
         super().finalize(context)
-        # MONAI Label publishes a run's best checkpoint even when it is worse than what serves
-        # now; this guard keeps the serving weights unless validation Dice holds.
-        engine = context.evaluator if context.evaluator is not None else context.trainer
-        engine.add_event_handler(Events.EPOCH_COMPLETED, ServingGuard(self, context))
+        # MONAI Label would publish a run's best checkpoint even when it is worse than what
+        # serves now; the guard decides once the run has ended (see __call__).
+        self._guard = ServingGuard(self, context)
 
     def __call__(self, request, datastore):
         request = dict(request)
@@ -154,56 +160,161 @@ class SpineTrainTask(BasicTrainTask):
         request["tracking"] = "None"
         if not torch.cuda.is_available():
             request["device"] = "cpu"
-        if not datastore.datalist():
+        datalist = datastore.datalist()
+        if not datalist:
             raise ValueError("no image has a 'final' label yet: nothing to train on")
-        return super().__call__(request, datastore)
+        if not {image_key(r) for r in datalist} - set(test_ids(self.split_path)):
+            raise ValueError("every image with a 'final' label is held out for testing: nothing to train on")
+        # every run moves the auto-train counters, also one started by a train request
+        record_run_start(self.model_dir, [image_key(r) for r in datalist])
+        self._guard = None
+        stats = super().__call__(request, datastore)
+        if self._guard is not None:
+            outcome = self._guard.conclude()
+            if isinstance(stats, dict) and outcome:
+                stats["version"] = {k: outcome.get(k) for k in ("version", "promoted", "decision", "val_mean_dice")}
+        return stats
+
+
+def dice_per_structure(pred: torch.Tensor, label: torch.Tensor) -> Dict[str, Optional[float]]:
+    """Dice of each structure (by name) between two label maps; ``None`` where it is in neither."""
+    scores: Dict[str, Optional[float]] = {}
+    for value in range(NUM_CLASSES):
+        if value == BACKGROUND:
+            continue
+        p, t = pred == value, label == value
+        total = int(p.sum()) + int(t.sum())
+        scores[NAMES[value]] = None if total == 0 else 2.0 * int((p & t).sum()) / total
+    return scores
+
+
+def measure(weights: str, records: Sequence[Dict[str, Any]], plan: SpinePlan, device: torch.device | str = "cpu",
+            run_id: Optional[str] = None) -> Dict[str, Any]:
+    """Mean and per-structure validation Dice of ``weights`` on ``records`` (image + label).
+
+    One code path for the candidate and the serving model, so that they are compared on
+    equal terms: the validation transforms, sliding-window inference, argmax, Dice per
+    structure in model space. A structure's Dice is its mean over the images that contain
+    it (in the reference or the prediction); the mean Dice is the mean over structures.
+    """
+    network = build_network(plan).to(device)
+    checkpoint = torch.load(weights, map_location=device)
+    network.load_state_dict(checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint)
+    network.eval()
+    pre = Compose(val_pre_transforms(plan))
+    inferer = SlidingWindowInferer(roi_size=plan.roi_size, sw_batch_size=plan.sw_batch_size, overlap=plan.sw_overlap)
+    per_image: List[Dict[str, Optional[float]]] = []
+    with torch.no_grad():
+        for record in records:
+            data = pre({"image": record["image"], "label": record["label"]})
+            logits = inferer(data["image"][None].to(device), network)
+            per_image.append(dice_per_structure(logits[0].argmax(0).cpu(), data["label"][0].round().long()))
+    per_structure: Dict[str, Optional[float]] = {}
+    for name in (NAMES[v] for v in range(NUM_CLASSES) if v != BACKGROUND):
+        values = [d[name] for d in per_image if d[name] is not None]
+        per_structure[name] = sum(values) / len(values) if values else None
+    present = [v for v in per_structure.values() if v is not None]
+    return {
+        "val_mean_dice": sum(present) / len(present) if present else None,
+        "per_structure_dice": per_structure,
+        "validation_ids": sorted(r["id"] for r in records),
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "run_id": run_id,
+    }
 
 
 class ServingGuard:
-    """Record validation metrics of the serving weights; undo a publication that would regress.
+    """At the end of a run: store its best checkpoint as a version, and let it serve only if
+    its mean validation Dice is at least the serving model's on the *same* images.
 
-    ``model_dir/spine.json`` holds the serving model's mean validation Dice and the ids of
-    the validation images it was measured on. A run's checkpoint may replace the serving
-    weights only if its Dice on the *same* validation images is at least as good.
+    The serving model's measurement lives in its record (``spine.json``); when the
+    validation images changed since it was measured (new validation labels, a seeded
+    validation list), the serving model is measured again on the current ones first.
     """
+
+    ATTEMPTS = 3  # a rollback during the comparison means measuring the new serving model
 
     def __init__(self, task: "SpineTrainTask", context: Context):
         self.task, self.context = task, context
-        self.serving_path = task._load_path
-        self.metrics_path = os.path.splitext(self.serving_path)[0] + ".json"
-        self.val_ids = sorted(r["id"] for r in context.val_datalist)
-        self.metric_name = "val_mean_dice" if context.evaluator is not None else "train_mean_dice"
-        self.serving = self._load()
+        self.model_dir = task.model_dir
+        self.val_records = list(context.val_datalist)
+        self.val_ids = sorted(r["id"] for r in self.val_records)
+        self.parent = self._parent()  # finalize runs after the checkpoint to fine-tune from was loaded
 
-    def _load(self) -> Dict[str, Any]:
-        if os.path.exists(self.metrics_path):
-            with open(self.metrics_path) as f:
-                return json.load(f)
-        return {}
+    def _measure(self, weights: str) -> Dict[str, Any]:
+        if not self.val_records:
+            return {"val_mean_dice": None, "per_structure_dice": {}, "validation_ids": [],
+                    "measured": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": self.context.run_id}
+        return measure(weights, self.val_records, self.task.plan, self.context.device, self.context.run_id)
 
-    def __call__(self, engine) -> None:
-        metric = float(engine.state.metrics.get(self.metric_name, float("nan")))
-        best = float(engine.state.best_metric)
-        if metric != best or not np.isfinite(metric):
-            return  # not a new best of this run: MONAI Label does not publish either
-        # without validation images there is nothing to compare on: the run's best serves
-        comparable = bool(self.val_ids) and self.serving.get("validation_ids") == self.val_ids
-        previous = float(self.serving.get("val_mean_dice", -1.0)) if comparable else -1.0
-        candidate = os.path.join(self.context.output_dir, self.task._key_metric_filename)
-        if metric < previous:
-            logger.info(f"Candidate val Dice {metric:.4f} < serving {previous:.4f}: serving weights kept")
-            return
-        atomic_copy(candidate, self.serving_path)  # infer never reads half a file
-        self.serving = {
-            self.metric_name: metric,
-            "validation_ids": self.val_ids,
-            "train_images": len(self.context.train_datalist),
-            "epoch": int(self.context.trainer.state.epoch),
-            "run_id": self.context.run_id,
-            "published": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        atomic_write_text(self.metrics_path, json.dumps(self.serving, indent=1))
-        logger.info(f"Published weights with val Dice {metric:.4f} (previous {previous:.4f})")
+    def _serving_measured(self) -> Dict[str, Any]:
+        """The serving record, measured on the current validation images (``{}``: none serves)."""
+        record = versions.serving_record(self.model_dir)
+        if (not record or not self.val_ids
+                or (sorted(record.get("validation_ids") or []) == self.val_ids and record.get("val_mean_dice") is not None)):
+            return record
+        logger.info(f"Validation images changed since serving model {record['version']} was measured: "
+                    f"measuring it on the current {len(self.val_ids)}")
+        measurement = self._measure(weights_path(self.model_dir))
+        versions.remeasure_serving(self.model_dir, record["sha256"], measurement)
+        return versions.serving_record(self.model_dir)
+
+    def conclude(self) -> Optional[Dict[str, Any]]:
+        """Register the run's candidate and promote it or not; returns its version's metrics."""
+        context = self.context
+        candidate = os.path.join(context.output_dir, self.task._key_metric_filename)
+        if not os.path.exists(candidate) or os.path.getmtime(candidate) < context.start_ts:
+            logger.warning(f"Run {context.run_id} saved no checkpoint: no candidate version")
+            return None
+        current = versions.serving_record(self.model_dir)
+        if current and file_sha256(candidate) == current.get("sha256"):
+            # e.g. the first validation (warm-up: learning rate 0) was the run's best
+            reason = "the run's best checkpoint is the serving model itself: nothing to promote"
+            logger.info(f"Run {context.run_id}: {reason}")
+            with versions.lock(self.model_dir):
+                versions.add_event(self.model_dir, "unchanged", current["version"], reason=reason,
+                                   by=f"run {context.run_id}")
+            return {**current, "promoted": False, "decision": reason}
+        measured = self._measure(candidate)
+        trainer = context.trainer
+        facts = {"source": "training", "run_id": context.run_id, **measured,
+                 "train_images": len(context.train_datalist), "val_images": len(self.val_records),
+                 "epochs": int(trainer.state.epoch) if trainer is not None else None,
+                 "trained_from": self.parent}
+        for attempt in range(self.ATTEMPTS):
+            serving = self._serving_measured()
+            with versions.lock(self.model_dir):
+                current = versions.serving_record(self.model_dir)
+                same = current.get("sha256") == serving.get("sha256") and (
+                    not current or not self.val_ids or sorted(current.get("validation_ids") or []) == self.val_ids)
+                if not same and attempt + 1 < self.ATTEMPTS:
+                    continue  # a rollback came in between: measure what serves now
+                if same:
+                    promote, reason = versions.compare(measured, current)
+                else:
+                    promote, reason = False, "the serving model kept changing during the comparison: it stays"
+                compared = ({"version": current.get("version"), "val_mean_dice": current.get("val_mean_dice")}
+                            if current else None)
+                metrics = versions.register(self.model_dir, candidate,
+                                            {**facts, "promoted": promote, "decision": reason,
+                                             "compared_with": compared})
+                if promote:
+                    versions.serve(self.model_dir, metrics["version"], "promoted", reason, by=f"run {context.run_id}")
+                else:
+                    versions.add_event(self.model_dir, "rejected", metrics["version"],
+                                       previous=current.get("version"), reason=reason, by=f"run {context.run_id}")
+                    logger.info(f"Candidate {metrics['version']} not promoted ({reason}): "
+                                f"{current.get('version')} keeps serving")
+                return metrics
+        return None
+
+    def _parent(self) -> Optional[str]:
+        """The version this run fine-tunes from (None: from scratch)."""
+        path = self.task.load_path(self.context.output_dir, self.context.pretrained)
+        try:
+            return model_version(path) if path else None
+        except OSError:
+            return None
 
 
 def _onehot_post_transforms() -> List[Any]:
