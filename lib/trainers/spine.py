@@ -99,10 +99,14 @@ class SpineTrainTask(BasicTrainTask):
         return DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
 
     def lr_scheduler_handler(self, context: Context):
+        warmup = min(self.plan.warmup_epochs, max(context.max_epochs - 1, 0))
         scheduler = WarmupCosineSchedule(
             context.optimizer,
-            warmup_steps=min(self.plan.warmup_epochs, max(context.max_epochs - 1, 0)),
+            warmup_steps=warmup,
             t_total=max(context.max_epochs, 1),
+            # MONAI's ramp starts at 0: a first epoch that learns nothing would make the start
+            # weights the run's "best" and, when fine-tuning, leave no real candidate
+            warmup_multiplier=1.0 / (warmup + 1),
         )
         return LrScheduleHandler(lr_scheduler=scheduler, print_lr=True, epoch_level=True)
 
