@@ -284,7 +284,12 @@ class SpineServerMixin:
         origins = [o.strip() for o in str(self.conf.get("cors_origins", "")).split(",") if o.strip()]
         harden_http_app(origins)
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            if settings.MONAI_LABEL_DATASTORE.lower() not in ("", "dicomweb"):  # xnat, dsa
+                return super().init_datastore()
+            from lib.dicomweb import init_dicomweb_datastore  # MR by default, SEG without dcmqi
+
+            self.studies = self.studies.rstrip("/").strip()
+            return init_dicomweb_datastore(self.studies, self.conf)
         return SpineDatastore(
             self.studies,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,

@@ -1,0 +1,262 @@
+"""The spine app against a real PACS: Orthanc on loopback, MONAI Label with ``--studies .../dicom-web``.
+
+One Orthanc (its own folder, port and password) holds an MR series and a CT series made
+from a phantom; one real server, tiny random-init weights, goes through: the series is
+listed (MR only), inferred on, a ``final`` label is saved and arrives in Orthanc as DICOM
+SEG (our names and colours, referencing the series, written without dcmqi); after a
+restart on a fresh cache the series counts as labelled and the training datalist reads
+the label back from the SEG with our values. The tests run in file order.
+
+Orthanc comes from the Debian packages ``orthanc`` and ``orthanc-dicomweb``
+(:func:`lib.pacs.install_orthanc` apt-installs them when missing); the tests skip only
+when that is impossible here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import requests
+
+from conftest import Server, free_port
+from lib import pacs
+from lib.labels import COLORS, NAMES
+
+ORTHANC_USER = "annotator"
+
+
+def _install_or_skip():
+    try:
+        pacs.install_orthanc()
+    except RuntimeError as e:
+        pytest.skip(f"Orthanc cannot be installed here: {e}")
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    _install_or_skip()
+    folder = tmp_path_factory.mktemp("orthanc")
+    password = secrets.token_hex(8)
+    port = free_port()
+    url = pacs.start_orthanc(str(folder), port=port, user=ORTHANC_USER, password=password)
+    yield {"url": url, "dicomweb": f"{url}/dicom-web", "auth": (ORTHANC_USER, password), "folder": folder}
+    pacs.stop_orthanc(str(folder))
+
+
+def phantom_series(out_dir: Path, seed: int, modality: str = "MR"):
+    """A small phantom written as a DICOM series; returns (series files, image array, label array, affine)."""
+    from lib.dicom import write_dicom_series
+    from lib.phantom import make_phantom
+
+    image, label, affine = make_phantom(seed, shape=(24, 48, 48), spacing=(4.0, 4.0, 4.0), orientation="LPS")
+    paths = write_dicom_series(image, affine, str(out_dir), patient_id=f"PHANTOM{seed}")
+    if modality != "MR":
+        for p in paths:
+            ds = pydicom.dcmread(p)
+            ds.Modality = modality
+            ds.save_as(p)
+    return paths, image, label.astype(np.uint8), affine
+
+
+def server_env(orthanc, cache: Path) -> dict:
+    user, password = orthanc["auth"]
+    return {"MONAI_LABEL_DICOMWEB_USERNAME": user, "MONAI_LABEL_DICOMWEB_PASSWORD": password,
+            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(cache), "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+
+
+def start_server(site, cache: Path) -> Server:
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in server_env(site["orthanc"], cache).items():
+            mp.setenv(key, value)
+        return Server(site["orthanc"]["dicomweb"] + "/", site["model_dir"], workdir=site["root"],
+                      conf={"auto_train": "false"})
+
+
+@pytest.fixture(scope="module")
+def site(orthanc, tmp_path_factory):
+    import torch
+
+    from lib.networks import build_network
+    from lib.plans import SpinePlan
+
+    root = tmp_path_factory.mktemp("pacs-site")
+    mr_paths, image, label, affine = phantom_series(root / "mr", seed=3)
+    ct_paths, *_ = phantom_series(root / "ct", seed=4, modality="CT")
+    mr_series = pacs.upload_series(mr_paths, orthanc["dicomweb"], *orthanc["auth"])
+    ct_series = pacs.upload_series(ct_paths, orthanc["dicomweb"], *orthanc["auth"])
+    model_dir = root / "model"
+    model_dir.mkdir()
+    torch.manual_seed(0)
+    torch.save(build_network(SpinePlan.from_conf({"preset": "tiny"})).state_dict(), model_dir / "spine.pt")
+    state = {"orthanc": orthanc, "root": root, "model_dir": model_dir, "mr": mr_series[0], "ct": ct_series[0],
+             "image": image, "label": label, "affine": affine}
+    state["server"] = start_server(state, root / "cache-1")
+    yield state
+    state["server"].stop()
+
+
+def qido(orthanc, **filters):
+    r = requests.get(f"{orthanc['dicomweb']}/series", params=filters, auth=orthanc["auth"], timeout=30)
+    assert r.status_code in (200, 204), r.text
+    return r.json() if r.status_code == 200 and r.text.strip() else []
+
+
+# --- 1. Orthanc --------------------------------------------------------------------------
+
+
+def test_orthanc_answers_on_loopback_with_credentials_only(orthanc):
+    assert orthanc["url"].startswith("http://127.0.0.1:")
+    assert requests.get(f"{orthanc['url']}/system", timeout=10).status_code == 401
+    assert requests.get(f"{orthanc['url']}/system", auth=(ORTHANC_USER, "wrong"), timeout=10).status_code == 401
+    system = requests.get(f"{orthanc['url']}/system", auth=orthanc["auth"], timeout=10).json()
+    assert system["Name"] == "SPINE"
+    plugins = requests.get(f"{orthanc['url']}/plugins", auth=orthanc["auth"], timeout=10).json()
+    assert "dicom-web" in plugins
+    config = json.loads((orthanc["folder"] / "orthanc.json").read_text())
+    assert config["RemoteAccessAllowed"] is False and config["DicomServerEnabled"] is False
+    assert config["StorageDirectory"].startswith(str(orthanc["folder"]))
+    assert (orthanc["folder"] / "orthanc.json").stat().st_mode & 0o077 == 0  # holds the password
+
+
+def test_stop_and_start_again_keeps_the_storage(orthanc, tmp_path):
+    folder, port = tmp_path / "second", free_port()
+    url = pacs.start_orthanc(str(folder), port=port, user="u", password="p")
+    paths, *_ = phantom_series(tmp_path / "series", seed=7)
+    pacs.upload_series(paths[:2], f"{url}/dicom-web", "u", "p")
+    with pytest.raises(RuntimeError, match="already runs"):
+        pacs.start_orthanc(str(folder), port=free_port(), user="u", password="p")
+    assert pacs.stop_orthanc(str(folder)) is True
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/system", auth=("u", "p"), timeout=5)
+    url = pacs.start_orthanc(str(folder), port=port, user="u", password="p")
+    try:
+        assert len(requests.get(f"{url}/instances", auth=("u", "p"), timeout=10).json()) == 2
+    finally:
+        pacs.stop_orthanc(str(folder))
+
+
+# --- 2. the server on the PACS -------------------------------------------------------------
+
+
+def test_server_lists_the_mr_series_only(site):
+    url = site["server"].url
+    stats = requests.get(f"{url}/datastore/", params={"output": "stats"}, timeout=60).json()
+    assert stats["total"] == 1 and stats["completed"] == 0  # the CT series is not listed
+    r = requests.post(f"{url}/activelearning/first", json={}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == site["mr"]
+    assert "itkimage2segimage" not in site["server"].log_text()  # no dcmqi download attempted
+
+
+def test_infer_on_the_pacs_series(site, tmp_path):
+    from lib.io import read_volume
+
+    r = requests.post(f"{site['server'].url}/infer/spine", params={"image": site["mr"], "output": "json"},
+                      json={}, timeout=600)
+    assert r.status_code == 200, r.text[-2000:]
+    assert "model_version" in r.json()
+    r = requests.post(f"{site['server'].url}/infer/spine", params={"image": site["mr"], "output": "image"},
+                      json={}, timeout=600)
+    assert r.status_code == 200, r.text[-2000:]
+    (tmp_path / "result.nii.gz").write_bytes(r.content)
+    label, affine = read_volume(tmp_path / "result.nii.gz")
+    assert label.shape == site["label"].shape  # on the series' grid
+    assert np.allclose(affine, site["affine"], atol=1e-3)
+    assert set(np.unique(label).astype(int)) <= set(NAMES)
+
+
+def put_label(url, image_id, path: Path, tag="final", label_info=None):
+    params = {"label_info": label_info} if label_info is not None else {}
+    with open(path, "rb") as f:
+        return requests.put(f"{url}/datastore/label", params={"image": image_id, "tag": tag},
+                            data={"params": json.dumps(params)}, files={"label": (path.name, f)}, timeout=300)
+
+
+def test_a_label_on_another_grid_is_refused_and_nothing_is_stored(site, tmp_path):
+    path = tmp_path / "wrong.nii.gz"
+    nib.save(nib.Nifti1Image(site["label"][:, :, :20], site["affine"]), path)
+    r = put_label(site["server"].url, site["mr"], path)
+    assert r.status_code == 422, r.text
+    assert qido(site["orthanc"], Modality="SEG") == []
+
+
+def test_final_label_is_stored_in_the_pacs_as_dicom_seg(site, tmp_path):
+    path = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(site["label"], site["affine"]), path)
+    r = put_label(site["server"].url, site["mr"], path)
+    assert r.status_code == 200, r.text[-2000:]
+    segs = qido(site["orthanc"], Modality="SEG")
+    assert len(segs) == 1
+    seg_meta = pydicom.Dataset.from_json(segs[0])
+    study, series = str(seg_meta.StudyInstanceUID), str(seg_meta.SeriesInstanceUID)
+    r = requests.get(f"{site['orthanc']['dicomweb']}/studies/{study}/series/{series}/metadata",
+                     auth=site["orthanc"]["auth"], timeout=30)
+    meta = pydicom.Dataset.from_json(r.json()[0])
+    assert meta.Modality == "SEG"
+    assert meta.ReferencedSeriesSequence[0].SeriesInstanceUID == site["mr"]
+    mr = pydicom.Dataset.from_json(qido(site["orthanc"], SeriesInstanceUID=site["mr"])[0])
+    assert study == str(mr.StudyInstanceUID)  # in the image's study
+    from pydicom_seg.template import rgb_to_cielab
+
+    segments = {int(s.SegmentNumber): s for s in meta.SegmentSequence}
+    present = sorted(int(v) for v in np.unique(site["label"]) if v)
+    assert sorted(segments) == present
+    for value, segment in segments.items():
+        assert segment.SegmentLabel == NAMES[value]
+        assert list(segment.RecommendedDisplayCIELabValue) == rgb_to_cielab(list(COLORS[NAMES[value]]))
+        assert segment.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
+
+
+def test_after_a_restart_the_series_counts_as_labelled(site):
+    site["server"].stop()
+    site["server"] = start_server(site, site["root"] / f"cache-{uuid.uuid4().hex[:6]}")  # nothing cached
+    stats = requests.get(f"{site['server'].url}/datastore/", params={"output": "stats"}, timeout=120).json()
+    assert stats["total"] == 1 and stats["completed"] == 1
+    r = requests.get(f"{site['server'].url}/datastore/", params={"output": "train"}, timeout=300)
+    assert r.status_code == 200, r.text
+    assert len(r.json()) == 1
+
+
+def test_training_datalist_reads_the_label_back_from_the_seg(site, tmp_path):
+    from lib.dicomweb import init_dicomweb_datastore
+    from lib.io import read_volume
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in server_env(site["orthanc"], tmp_path / "cache").items():
+            mp.setenv(key, value)
+        from monailabel.config import settings
+
+        for key in ("MONAI_LABEL_DICOMWEB_USERNAME", "MONAI_LABEL_DICOMWEB_PASSWORD", "MONAI_LABEL_DICOMWEB_CACHE_PATH"):
+            mp.setattr(settings, key, os.environ[key])
+        store = init_dicomweb_datastore(site["orthanc"]["dicomweb"])
+        assert store._search_filter == {"Modality": "MR"}
+        datalist = store.datalist()
+    assert len(datalist) == 1
+    label, label_affine = read_volume(datalist[0]["label"])
+    image, image_affine = read_volume(datalist[0]["image"])
+    assert label.shape == image.shape == site["label"].shape
+    assert np.allclose(label_affine, image_affine, atol=1e-3)
+    assert np.allclose(image_affine, site["affine"], atol=1e-3)
+    assert np.array_equal(label.astype(np.uint8), site["label"])
+
+
+def test_search_filter_default_and_override(monkeypatch):
+    from monailabel.config import settings
+
+    from lib.dicomweb import search_filter
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_SEARCH_FILTER", {"Modality": "CT"})  # MONAI Label's default
+    assert search_filter() == {"Modality": "MR"}
+    assert search_filter({"dicomweb_search_filter": '{"Modality": "CT"}'}) == {"Modality": "CT"}
+    monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_SEARCH_FILTER", {"Modality": "MR", "SeriesDescription": "T2*"})
+    assert search_filter() == {"Modality": "MR", "SeriesDescription": "T2*"}
+    with pytest.raises(ValueError, match="JSON object"):
+        search_filter({"dicomweb_search_filter": "[1]"})
