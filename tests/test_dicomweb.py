@@ -109,6 +109,19 @@ def qido(orthanc, **filters):
     return r.json() if r.status_code == 200 and r.text.strip() else []
 
 
+def non_loopback_address():
+    """This machine's address on a network interface, or None (no network here)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+            address = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
 # --- 1. Orthanc --------------------------------------------------------------------------
 
 
@@ -120,6 +133,10 @@ def test_orthanc_answers_on_loopback_with_credentials_only(orthanc):
     assert system["Name"] == "SPINE"
     plugins = requests.get(f"{orthanc['url']}/plugins", auth=orthanc["auth"], timeout=10).json()
     assert "dicom-web" in plugins
+    host_address = non_loopback_address()
+    if host_address:  # the port is open on every interface (no bind option), but only loopback is served
+        r = requests.get(orthanc["url"].replace("127.0.0.1", host_address) + "/system", auth=orthanc["auth"], timeout=10)
+        assert r.status_code in (401, 403)
     config = json.loads((orthanc["folder"] / "orthanc.json").read_text())
     assert config["RemoteAccessAllowed"] is False and config["DicomServerEnabled"] is False
     assert config["StorageDirectory"].startswith(str(orthanc["folder"]))
