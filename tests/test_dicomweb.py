@@ -5,7 +5,8 @@ from a phantom; one real server, tiny random-init weights, goes through: the ser
 listed (MR only), inferred on, a ``final`` label is saved and arrives in Orthanc as DICOM
 SEG (our names and colours, referencing the series, written without dcmqi); after a
 restart on a fresh cache the series counts as labelled and the training datalist reads
-the label back from the SEG with our values. The tests run in file order.
+the label back from the SEG with our values; OHIF, served by the server, shows the study
+(MR and SEG) in headless Chromium. The tests run in file order.
 
 Orthanc comes from the Debian packages ``orthanc`` and ``orthanc-dicomweb``
 (:func:`lib.pacs.install_orthanc` apt-installs them when missing); the tests skip only
@@ -72,12 +73,12 @@ def server_env(orthanc, cache: Path) -> dict:
             "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(cache), "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
 
 
-def start_server(site, cache: Path) -> Server:
+def start_server(site, cache: Path, conf: dict | None = None) -> Server:
     with pytest.MonkeyPatch.context() as mp:
         for key, value in server_env(site["orthanc"], cache).items():
             mp.setenv(key, value)
         return Server(site["orthanc"]["dicomweb"] + "/", site["model_dir"], workdir=site["root"],
-                      conf={"auto_train": "false"})
+                      conf={"auto_train": "false", **(conf or {})})
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +235,9 @@ def test_final_label_is_stored_in_the_pacs_as_dicom_seg(site, tmp_path):
 
 def test_after_a_restart_the_series_counts_as_labelled(site):
     site["server"].stop()
-    site["server"] = start_server(site, site["root"] / f"cache-{uuid.uuid4().hex[:6]}")  # nothing cached
+    # nothing cached; the filter as a --conf setting (PatientID narrows it to the one MR study)
+    site["server"] = start_server(site, site["root"] / f"cache-{uuid.uuid4().hex[:6]}",
+                                  {"dicomweb_search_filter": json.dumps({"Modality": "MR", "PatientID": "PHANTOM3"})})
     stats = requests.get(f"{site['server'].url}/datastore/", params={"output": "stats"}, timeout=120).json()
     assert stats["total"] == 1 and stats["completed"] == 1
     r = requests.get(f"{site['server'].url}/datastore/", params={"output": "train"}, timeout=300)
@@ -277,3 +280,67 @@ def test_search_filter_default_and_override(monkeypatch):
     assert search_filter() == {"Modality": "MR", "SeriesDescription": "T2*"}
     with pytest.raises(ValueError, match="JSON object"):
         search_filter({"dicomweb_search_filter": "[1]"})
+
+
+# --- 3. OHIF, served by the server, in a headless browser ---------------------------------------
+
+
+def chromium_or_skip() -> str:
+    """Debian's ``chromium`` (apt-installed when missing, as Orthanc is), or skip saying why."""
+    import shutil
+    import subprocess
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary:
+        return binary
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for args in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+            if subprocess.run(args, env=env, capture_output=True).returncode != 0:
+                break
+        binary = shutil.which("chromium")
+    if not binary:
+        pytest.skip("no Chromium here and it cannot be apt-installed (needs root and the Debian archive)")
+    return binary
+
+
+def rendered_text(url: str, profile: Path, expected: list[str]) -> str:
+    """The page's text after its scripts ran (headless Chromium ``--dump-dom``), retried with
+    more virtual time until every ``expected`` piece shows (or three tries)."""
+    import re
+    import subprocess
+
+    chromium = chromium_or_skip()
+    text = ""
+    for attempt, budget in enumerate((30000, 60000, 120000)):
+        args = [chromium, "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--enable-unsafe-swiftshader",
+                "--use-angle=swiftshader", f"--user-data-dir={profile}-{attempt}", "--window-size=1600,1000",
+                f"--virtual-time-budget={budget}", "--dump-dom", url]
+        dom = subprocess.run(args, capture_output=True, text=True, timeout=300).stdout
+        dom = re.sub(r"<(style|script)\b.*?</\1>", " ", dom, flags=re.S)
+        text = re.sub(r"\s*\|\s*(\|\s*)*", " | ", re.sub(r"<[^>]+>", " | ", dom))
+        if all(piece in text for piece in expected):
+            break
+    return text
+
+
+def test_ohif_lists_the_study_and_shows_the_series_and_the_seg(site, tmp_path):
+    url, mr = site["server"].url, pydicom.Dataset.from_json(qido(site["orthanc"], SeriesInstanceUID=site["mr"])[0])
+    study_list = rendered_text(f"{url}/ohif/", tmp_path / "chrome", ["PHANTOM3", "MR\\SEG"])
+    row = study_list[study_list.index("PHANTOM3"):][:200]  # the study row, through the server's DICOMweb proxy
+    assert "MR\\SEG" in row, study_list[-3000:]
+    n = site["image"].shape[2]  # slices: written along the array's third axis
+    assert f"| {n + 1} |" in row  # the series' instances and the SEG
+    viewer = rendered_text(f"{url}/ohif/viewer?StudyInstanceUIDs={mr.StudyInstanceUID}", tmp_path / "chrome-viewer",
+                           ["Spine segmentation", "T2 SAG", f"/{n})"])
+    assert "Spine segmentation" in viewer, viewer[-3000:]  # our SEG series in the study browser
+    assert f"/{n})" in viewer  # the MR series is displayed, slice i of n
+
+
+def test_ohif_opens_the_monai_label_mode_on_the_series(site, tmp_path):
+    url, mr = site["server"].url, pydicom.Dataset.from_json(qido(site["orthanc"], SeriesInstanceUID=site["mr"])[0])
+    n = site["image"].shape[2]
+    page = rendered_text(f"{url}/ohif/monai-label?StudyInstanceUIDs={mr.StudyInstanceUID}", tmp_path / "chrome-mode",
+                         ["MONAI Label", "T2 SAG", f"/{n})"])
+    assert "MONAI Label" in page and "Server:" in page, page[-3000:]  # the mode's panel (not driven further)
+    assert f"/{n})" in page  # the MR series in the viewports
