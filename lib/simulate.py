@@ -1,0 +1,662 @@
+"""Proof that the annotation loop works: replay an annotator against the real server.
+
+    python -m lib.simulate [--pool DIR] [--test DIR] --strategies epistemic random --seeds 0 1
+                           --out work/simulation [--conf KEY VALUE ...] [--max-labels N]
+                           [--pool-size P] [--test-size K]
+
+For each strategy and seed: a fresh studies folder and ``model_dir`` under
+``OUT/runs/<strategy>-seed<seed>/``, the pool's *images* copied into the studies folder
+(never their labels, never a test image), and a real ``monailabel start_server`` for
+``apps/spine`` on a free loopback port (``--conf preset tiny`` plus the simulation's
+settings, see :data:`DEFAULT_CONF`). Then the annotator loop:
+
+1. ask the strategy for the next image (``POST /activelearning/<strategy>``);
+2. save that image's ground-truth mask as its ``final`` label (``PUT /datastore/label``):
+   the annotator's perfect correction;
+3. let the automatic retraining (``lib/autotrain.py``) do what it decides: when the save
+   started a run, wait for it to end, then for the epistemic scoring of the new model;
+4. after every training, evaluate the *serving* weights (the version folder's copy of
+   ``model_dir/spine.pt``, through :class:`lib.segment.SpineSegmenter` and
+   :func:`lib.evaluate.evaluate_case`) on a fixed held-out test set and write one CSV row:
+   strategy, seed, number of labels, serving version (and the run's candidate, promoted or
+   not), mean Dice of the vertebrae, discs, canal and of all 11 structures.
+
+Once every pool image is labelled, a last training on all of them is requested (if the
+automatic one did not already cover them): that row is the run's *all-labels* point.
+Their mean over runs is the reference of "labels needed to reach 90 % of the all-labels
+Dice". Without any all-labels point (``--max-labels`` below the pool size), one extra
+run labels the whole pool at once and trains once (``strategy`` ``all`` in the CSV).
+
+Seeding. MONAI Label 0.8.5's ``random`` strategy draws with Python's global ``random``
+(weighted by time since last pick) and cannot be seeded over HTTP, and the ``epistemic``
+strategy picks at random too while no model exists. So the simulation picks those
+client-side: ``random.Random(seed)`` chooses among the unlabeled ids (sorted), for the
+``random`` strategy always and for ``epistemic`` until the server ranks by scores (its
+answer then has no ``fallback``). With the same seed, both strategies therefore start from
+the same first images, which makes the comparison paired. The server is still asked
+(``POST /activelearning/random``) so that the request path is exercised.
+
+Outputs in ``OUT``: ``simulation.csv`` (one row per evaluation, written as it goes),
+``learning_curve.png`` (overall mean Dice vs labels, one line per strategy, mean over
+seeds with a min/max band, dashed 90 % line), ``summary.json`` (all-labels Dice, labels to
+90 % per strategy and per seed), and per run ``run.json`` (pick order) and ``server.log``.
+
+Data. ``--pool DIR`` / ``--test DIR`` are folders with ``images/<id>.nii.gz`` and
+``labels/<id>.nii.gz`` (our label values; 255 = ignore, allowed in test labels only). By
+default both are made from the reliable SPIDER cases in ``../shared/data`` by
+:func:`prepare_data`: every 3rd sagittal slice and every 3rd in-plane voxel, so that the
+``tiny`` preset (4 mm grid) trains an epoch in seconds; a fixed, seed-independent
+shuffle puts ``--test-size`` cases in the test set and the next ``--pool-size`` in the pool.
+``--phantoms N`` adds N synthetic phantoms (:mod:`lib.phantom`) to the pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+DEFAULT_OUT = REPO / "work" / "simulation"
+STRATEGIES = ("epistemic", "random", "first")
+
+#: server settings of every run (``--conf`` adds or overrides); ``preset tiny`` always
+DEFAULT_CONF: Dict[str, str] = {
+    "max_epochs": "6",  # tiny's 1 epoch learns next to nothing; each run fine-tunes the serving model
+    "warmup_epochs": "1",
+    "learning_rate": "0.0005",  # 2.5x the recipe's: few epochs per run on a CPU
+    "auto_train_min_labels": "3",
+    "auto_train_new_labels": "3",
+}
+GROUPS = ("vertebrae", "discs", "canal")
+CSV_COLUMNS = ("strategy", "seed", "n_labels", "train_images", "val_images", "model_version", "candidate_version",
+               "promoted", "version_changed", "all_labels", "dice_vertebrae", "dice_discs", "dice_canal",
+               "dice_overall", "test_cases", "train_seconds", "eval_seconds", "elapsed_seconds")
+ACTIVE = ("SUBMITTED", "RUNNING")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+def reliable_spider_ids(data: Path) -> List[str]:
+    cases = json.loads((data / "manifest.json").read_text())["cases"]
+    return sorted(c["id"] for c in cases if c["id"].startswith("spider_") and c.get("reliable"))
+
+
+def small_scan(data: Path, case_id: str, out_images: Path, out_labels: Path, keep_ignore: bool,
+               lr_step: int = 3, inplane_step: int = 3, axcodes: str = "LPS") -> Tuple[Path, Path]:
+    """A real SPIDER scan made small (every ``lr_step``-th sagittal slice, every
+    ``inplane_step``-th in-plane voxel) in ``axcodes`` orientation, and its mask on the same grid.
+
+    ``keep_ignore``: keep 255 (not annotated) in the mask, for evaluation; else 255 -> 0, since
+    the server accepts label values 0..11 only (as ``tests/conftest.py``'s ``small_scan``).
+    """
+    import nibabel as nib
+
+    img = nib.load(data / "images" / f"{case_id}.nii.gz")
+    lab = nib.load(data / "labels" / f"{case_id}.nii.gz")
+    slicer = (slice(None, None, lr_step), slice(None, None, inplane_step), slice(None, None, inplane_step))
+    img_small, lab_small = img.slicer[slicer], lab.slicer[slicer]
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(img_small.affine),
+                                                nib.orientations.axcodes2ornt(tuple(axcodes)))
+
+    def reorient(im, dtype):
+        arr = nib.orientations.apply_orientation(np.asanyarray(im.dataobj), transform).astype(dtype)
+        out = nib.Nifti1Image(arr, im.affine @ nib.orientations.inv_ornt_aff(transform, im.shape))
+        out.set_qform(out.affine, code=1)
+        out.set_sform(out.affine, code=1)
+        return out
+
+    label_arr = np.asanyarray(lab_small.dataobj).copy()
+    if not keep_ignore:
+        label_arr[label_arr == 255] = 0
+    out_images.mkdir(parents=True, exist_ok=True)
+    out_labels.mkdir(parents=True, exist_ok=True)
+    image_path, label_path = out_images / f"{case_id}.nii.gz", out_labels / f"{case_id}.nii.gz"
+    nib.save(reorient(img_small, np.int16), image_path)
+    nib.save(reorient(nib.Nifti1Image(label_arr, lab_small.affine), np.uint8), label_path)
+    return image_path, label_path
+
+
+def prepare_data(out: Path, pool_size: int, test_size: int, data: Path = DEFAULT_DATA, phantoms: int = 0,
+                 lr_step: int = 3, inplane_step: int = 3) -> Tuple[Path, Path]:
+    """``out/pool`` and ``out/test`` (``images/``, ``labels/``) from the reliable SPIDER cases.
+
+    The split is a fixed shuffle (seed 2024) of the sorted ids: the first ``test_size`` are the
+    test set, the next ``pool_size`` the pool. Files already there are kept (same inputs, same
+    bytes). Returns ``(pool_dir, test_dir)``.
+    """
+    if not (data / "manifest.json").exists():
+        raise SystemExit(f"no development data at {data} (manifest.json): pass --pool and --test")
+    ids = reliable_spider_ids(data)
+    random.Random(2024).shuffle(ids)
+    if test_size + pool_size > len(ids):
+        raise SystemExit(f"{len(ids)} reliable SPIDER cases: cannot take {test_size} test + {pool_size} pool")
+    test_ids, pool_ids = ids[:test_size], ids[test_size:test_size + pool_size]
+    pool, test = out / "pool", out / "test"
+    for folder, chosen, keep_ignore in ((test, test_ids, True), (pool, pool_ids, False)):
+        for stale in sorted((folder / "images").glob("*.nii.gz")) if (folder / "images").exists() else []:
+            if stale.name[:-7] not in chosen:  # another --pool-size / --test-size before
+                stale.unlink()
+                (folder / "labels" / stale.name).unlink(missing_ok=True)
+        for case_id in chosen:
+            if not (folder / "labels" / f"{case_id}.nii.gz").exists():
+                small_scan(data, case_id, folder / "images", folder / "labels", keep_ignore, lr_step, inplane_step)
+    for i in range(phantoms):
+        name = f"phantom_{i:03d}"
+        if not (pool / "labels" / f"{name}.nii.gz").exists():
+            from lib.phantom import save_phantom
+
+            save_phantom(str(pool / "images" / f"{name}.nii.gz"), str(pool / "labels" / f"{name}.nii.gz"),
+                         seed=1000 + i)
+    return pool, test
+
+
+def list_cases(folder: Path) -> List[str]:
+    """Ids with both ``images/<id>.nii.gz`` and ``labels/<id>.nii.gz``."""
+    return sorted(p.name[:-7] for p in (folder / "images").glob("*.nii.gz")
+                  if (folder / "labels" / p.name).exists())
+
+
+# --- the server --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real ``monailabel start_server`` for ``apps/spine`` (as ``tests/conftest.py``'s)."""
+
+    def __init__(self, studies: Path, model_dir: Path, workdir: Path, conf: Dict[str, Any],
+                 ready_timeout: float = 300):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(REPO / "apps" / "spine"),
+                "--studies", str(studies), "--host", "127.0.0.1", "--port", str(self.port)]
+        for key, value in {"preset": "tiny", **conf, "model_dir": str(model_dir)}.items():
+            args += ["--conf", key, str(value)]
+        self.log_path = workdir / "server.log"
+        self.log = open(self.log_path, "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        self.proc = subprocess.Popen(args, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        try:
+            self._wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.tail()}")
+
+    def tail(self, chars: int = 4000) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its train/scoring processes
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Client:
+    """The annotator's HTTP calls."""
+
+    def __init__(self, server: Server, timeout: float):
+        self.server, self.url, self.timeout = server, server.url, timeout
+
+    def info(self) -> Dict[str, Any]:
+        r = requests.get(f"{self.url}/info/", timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def objects(self) -> Dict[str, Any]:
+        r = requests.get(f"{self.url}/datastore/", params={"output": "all"}, timeout=30)
+        r.raise_for_status()
+        return r.json()["objects"]
+
+    def unlabeled(self) -> List[str]:
+        return sorted(i for i, o in self.objects().items() if "final" not in (o.get("labels") or {}))
+
+    def next_image(self, strategy: str) -> Dict[str, Any]:
+        r = requests.post(f"{self.url}/activelearning/{strategy}", json={}, timeout=60)
+        r.raise_for_status()
+        return r.json() or {}
+
+    def save_label(self, image_id: str, path: Path) -> None:
+        with open(path, "rb") as f:
+            r = requests.put(f"{self.url}/datastore/label", params={"image": image_id, "tag": "final"},
+                             data={"params": "{}"}, files={"label": (path.name, f)}, timeout=120)
+        if r.status_code != 200:
+            raise RuntimeError(f"label of {image_id} refused ({r.status_code}): {r.text[:500]}")
+
+    def versions(self) -> Dict[str, Any]:
+        r = requests.get(f"{self.url}/model/spine/versions", timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def task(self, kind: str) -> Optional[Dict[str, Any]]:
+        r = requests.get(f"{self.url}/{kind}/", params={"check_if_running": "false"}, timeout=30)
+        return r.json() if r.status_code == 200 and r.content else None
+
+    def wait_task(self, kind: str) -> Optional[Dict[str, Any]]:
+        """Wait until the last ``kind`` task (train, scoring) is no longer submitted or running."""
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            status = self.task(kind)
+            if not status or status.get("status") not in ACTIVE:
+                return status
+            if self.server.proc.poll() is not None:
+                raise RuntimeError(f"server died during {kind}:\n{self.server.tail()}")
+            time.sleep(1)
+        raise TimeoutError(f"{kind} still running after {self.timeout} s:\n{self.server.tail()}")
+
+    def train(self) -> None:
+        r = requests.post(f"{self.url}/train/spine", json={}, timeout=60)
+        if r.status_code not in (200, 429):
+            raise RuntimeError(f"train request refused ({r.status_code}): {r.text[:500]}")
+
+    def wait_scored(self, version: Optional[str], settle: float = 10.0) -> None:
+        """Wait until every unlabeled image carries an epistemic score of ``version``.
+
+        The version watcher notices a new model within seconds and starts the scoring;
+        images it cannot score (none left) end the wait once no scoring task runs.
+        """
+        from lib.scoring.epistemic import SCORE_KEY
+
+        if not version:
+            return
+        deadline, idle_since = time.time() + self.timeout, None
+        while time.time() < deadline:
+            objects = self.objects()
+            pending = [i for i, o in objects.items() if "final" not in (o.get("labels") or {})
+                       and ((o.get("image") or {}).get("info", {}).get(SCORE_KEY) or {}).get("model_version")
+                       != version]
+            if not pending:
+                return
+            status = self.task("scoring")
+            if status and status.get("status") in ACTIVE:
+                idle_since = None
+            else:
+                idle_since = idle_since or time.time()
+                if time.time() - idle_since > settle:
+                    log(f"  scoring left {len(pending)} image(s) without a score of {version}: going on")
+                    return
+            time.sleep(1)
+        raise TimeoutError(f"scoring of {version} not done after {self.timeout} s")
+
+
+# --- evaluation --------------------------------------------------------------------------
+
+
+class Evaluator:
+    """Mean Dice of a version's weights on the fixed test set (cached per version)."""
+
+    def __init__(self, test_dir: Path, conf: Dict[str, str]):
+        self.test_dir, self.conf = test_dir, {"preset": "tiny", **conf}
+        self.cases = list_cases(test_dir)
+        if not self.cases:
+            raise SystemExit(f"no test cases in {test_dir} (images/<id>.nii.gz + labels/<id>.nii.gz)")
+        self.cache: Dict[str, Dict[str, float]] = {}
+
+    def __call__(self, weights: Path, key: str) -> Dict[str, float]:
+        if key in self.cache:
+            return {**self.cache[key], "eval_seconds": 0.0}
+        from lib.evaluate import GROUPS as EVAL_GROUPS, evaluate_case
+        from lib.io import read_volume
+        from lib.segment import SpineSegmenter
+
+        start = time.perf_counter()
+        segmenter = SpineSegmenter(str(weights), conf=self.conf, device="cpu")
+        dice: Dict[str, List[float]] = {g: [] for g in (*GROUPS, "overall")}
+        for case in self.cases:
+            result = segmenter.segment(self.test_dir / "images" / f"{case}.nii.gz")
+            reference, affine = read_volume(str(self.test_dir / "labels" / f"{case}.nii.gz"))
+            rows, _ = evaluate_case(reference.astype(np.int64), result.label, affine, case=case,
+                                    prediction_affine=result.affine)
+            for group in GROUPS:
+                dice[group] += [r["dice"] for r in rows if r["value"] in EVAL_GROUPS[group]]
+            dice["overall"] += [r["dice"] for r in rows]
+        out = {g: _nanmean(v) for g, v in dice.items()}
+        self.cache[key] = out
+        return {**out, "eval_seconds": round(time.perf_counter() - start, 1)}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+# --- one run -------------------------------------------------------------------------------
+
+
+class CsvLog:
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.exists():
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(CSV_COLUMNS)
+
+    def write(self, row: Dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore").writerow(row)
+
+
+def run_one(strategy: str, seed: int, pool: Path, evaluate: Evaluator, out: Path, conf: Dict[str, str],
+            max_labels: Optional[int], csv_log: CsvLog, timeout: float) -> List[Dict[str, Any]]:
+    """One annotator session (see the module docstring); returns its CSV rows."""
+    run_dir = out / "runs" / f"{strategy}-seed{seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    studies, model_dir = run_dir / "studies", run_dir / "model"
+    studies.mkdir(parents=True)
+    pool_ids = list_cases(pool)
+    for case in pool_ids:
+        shutil.copyfile(pool / "images" / f"{case}.nii.gz", studies / f"{case}.nii.gz")
+    rng = random.Random(seed)
+    limit = len(pool_ids) if max_labels is None else min(max_labels, len(pool_ids))
+    if strategy == "all":  # the reference: every label at once, one training
+        conf = {**conf, "auto_train": "false"}
+    rows: List[Dict[str, Any]] = []
+    picks: List[Dict[str, Any]] = []
+    start = time.time()
+    log(f"run {strategy} seed {seed}: {len(pool_ids)} pool images, up to {limit} labels, {len(evaluate.cases)} test")
+    with Server(studies, model_dir, run_dir, conf) as server:
+        client = Client(server, timeout)
+        serving: Optional[str] = None
+
+        def after_training(n: int, train_seconds: float) -> None:
+            nonlocal serving
+            listing = client.versions()
+            every = listing.get("versions") or []
+            newest = every[0] if every else {}
+            current = listing.get("serving")
+            if strategy == "epistemic":
+                client.wait_scored(current)
+            if not current:
+                log(f"  n={n}: no model serves yet")
+                return
+            metrics = next((m for m in every if m["version"] == current), {})
+            weights = model_dir / "versions" / current / "spine.pt"
+            if not weights.exists():  # not registered (yet): a private copy of what serves
+                weights = run_dir / "serving-copy.pt"
+                shutil.copyfile(model_dir / "spine.pt", weights)
+            dice = evaluate(weights, current)
+            row = {"strategy": strategy, "seed": seed, "n_labels": n,
+                   "train_images": metrics.get("train_images"),
+                   "val_images": len(metrics.get("validation_ids") or []),
+                   "model_version": current, "candidate_version": newest.get("version"),
+                   "promoted": bool(newest.get("promoted")), "version_changed": current != serving,
+                   "all_labels": n == len(pool_ids),
+                   **{f"dice_{g}": round(dice[g], 5) for g in (*GROUPS, "overall")},
+                   "test_cases": len(evaluate.cases), "train_seconds": round(train_seconds, 1),
+                   "eval_seconds": dice["eval_seconds"], "elapsed_seconds": round(time.time() - start, 1)}
+            serving = current
+            rows.append(row)
+            csv_log.write(row)
+            log(f"  n={n}: version {current} ({'new' if row['version_changed'] else 'unchanged'}; candidate "
+                f"{'promoted' if row['promoted'] else 'rejected'}) Dice overall {row['dice_overall']:.3f} "
+                f"(vert {row['dice_vertebrae']:.3f}, discs {row['dice_discs']:.3f}, canal {row['dice_canal']:.3f})")
+
+        def train_and_wait(n: int, request: bool) -> None:
+            t0 = time.time()
+            if request:
+                client.train()
+            status = client.wait_task("train") or {}
+            if status.get("status") != "DONE":
+                raise RuntimeError(f"training at n={n} ended {status.get('status')}:\n"
+                                   + "\n".join(status.get("details", [])[-20:]))
+            after_training(n, time.time() - t0)
+
+        n = 0
+        while n < limit:
+            unlabeled = client.unlabeled()
+            if not unlabeled:
+                break
+            if strategy == "all":
+                image_id, how = unlabeled[0], "all"
+            else:
+                answer = client.next_image(strategy)
+                if strategy == "random" or answer.get("fallback") or not answer.get("id"):
+                    image_id, how = rng.choice(unlabeled), "seeded client-side"
+                else:
+                    image_id, how = answer["id"], "server"
+            runs_before = client.info()["auto_train"]["runs_started"]
+            client.save_label(image_id, pool / "labels" / f"{image_id}.nii.gz")
+            n += 1
+            picks.append({"n": n, "image": image_id, "how": how})
+            started = client.info()["auto_train"]["runs_started"] > runs_before
+            log(f"  label {n}: {image_id} ({how}){'; auto-training started' if started else ''}")
+            if started:
+                train_and_wait(n, request=False)
+        auto = client.info()["auto_train"]
+        if n == len(pool_ids) and (auto["new_final_labels"] > 0 or auto["runs_started"] == 0):
+            log(f"  every pool image labelled: one more training on all {n}")
+            train_and_wait(n, request=True)
+    (run_dir / "run.json").write_text(json.dumps({"strategy": strategy, "seed": seed, "picks": picks,
+                                                  "conf": conf, "seconds": round(time.time() - start, 1)},
+                                                 indent=1))
+    log(f"run {strategy} seed {seed} done in {time.time() - start:.0f} s")
+    return rows
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+def read_rows(path: Path) -> List[Dict[str, Any]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["seed"], r["n_labels"] = int(r["seed"]), int(r["n_labels"])
+        r["all_labels"] = r["all_labels"] == "True"
+        for key in ("dice_vertebrae", "dice_discs", "dice_canal", "dice_overall"):
+            r[key] = float(r[key])
+    return rows
+
+
+def curves(rows: Sequence[Dict[str, Any]], key: str = "dice_overall") -> Dict[str, Dict[str, Any]]:
+    """Per strategy: label counts and, per seed, the serving model's Dice at each count (carried forward)."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for strategy in sorted({r["strategy"] for r in rows if r["strategy"] != "all"}):
+        mine = [r for r in rows if r["strategy"] == strategy]
+        xs = sorted({r["n_labels"] for r in mine})
+        per_seed = {}
+        for seed in sorted({r["seed"] for r in mine}):
+            points = {r["n_labels"]: r[key] for r in mine if r["seed"] == seed}
+            ys, last = [], float("nan")
+            for x in xs:
+                last = points.get(x, last)
+                ys.append(last)
+            per_seed[seed] = ys
+        arr = np.asarray(list(per_seed.values()), dtype=np.float64)
+        out[strategy] = {"n_labels": xs, "per_seed": per_seed, "mean": np.nanmean(arr, 0).tolist(),
+                         "min": np.nanmin(arr, 0).tolist(), "max": np.nanmax(arr, 0).tolist()}
+    return out
+
+
+def labels_to_reach(xs: Sequence[int], ys: Sequence[float], threshold: float) -> Optional[int]:
+    return next((x for x, y in zip(xs, ys) if not math.isnan(y) and y >= threshold), None)
+
+
+def summarize(rows: Sequence[Dict[str, Any]], fraction: float = 0.9) -> Dict[str, Any]:
+    """All-labels Dice (mean over the runs' all-labels points) and labels needed to reach ``fraction`` of it."""
+    full = [r for r in rows if r["all_labels"]]
+    reference = {g: _nanmean([r[f"dice_{g}"] for r in full]) for g in (*GROUPS, "overall")} if full else None
+    summary: Dict[str, Any] = {"all_labels_dice": reference, "all_labels_points": len(full), "fraction": fraction,
+                               "strategies": {}}
+    if not reference or math.isnan(reference["overall"]):
+        return summary
+    threshold = fraction * reference["overall"]
+    summary["threshold"] = threshold
+    for strategy, c in curves(rows).items():
+        summary["strategies"][strategy] = {
+            "labels_to_threshold": labels_to_reach(c["n_labels"], c["mean"], threshold),
+            "per_seed": {str(s): labels_to_reach(c["n_labels"], ys, threshold) for s, ys in c["per_seed"].items()},
+            "n_labels": c["n_labels"], "mean_dice": c["mean"],
+        }
+    return summary
+
+
+def plot(rows: Sequence[Dict[str, Any]], summary: Dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for strategy, c in curves(rows).items():
+        seeds = len(c["per_seed"])
+        line, = ax.plot(c["n_labels"], c["mean"], marker="o", label=f"{strategy} (mean of {seeds} seed"
+                                                                      f"{'s' if seeds > 1 else ''})")
+        ax.fill_between(c["n_labels"], c["min"], c["max"], color=line.get_color(), alpha=0.2, linewidth=0)
+    reference = summary.get("all_labels_dice")
+    if reference and not math.isnan(reference["overall"]):
+        ax.axhline(reference["overall"], color="grey", linewidth=1, label="all pool labels")
+        ax.axhline(summary["threshold"], color="grey", linestyle="--", linewidth=1,
+                   label=f"{summary['fraction']:.0%} of all-labels Dice")
+    ax.set_xlabel("final labels saved (images)")
+    ax.set_ylabel("mean Dice on the held-out test set (11 structures)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Annotation simulation against the real server (band: min-max over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(out: Path) -> Dict[str, Any]:
+    """CSV -> ``summary.json`` + ``learning_curve.png``; printed."""
+    rows = read_rows(out / "simulation.csv")
+    summary = summarize(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(rows, summary, out / "learning_curve.png")
+    reference = summary.get("all_labels_dice")
+    if reference:
+        log(f"all-labels Dice (mean of {summary['all_labels_points']} point(s)): overall {reference['overall']:.3f}, "
+            f"vertebrae {reference['vertebrae']:.3f}, discs {reference['discs']:.3f}, canal {reference['canal']:.3f}")
+    for strategy, s in summary["strategies"].items():
+        n = s["labels_to_threshold"]
+        log(f"{strategy}: {'never reached' if n is None else n} labels to reach {summary['fraction']:.0%} "
+            f"({summary['threshold']:.3f}); per seed {s['per_seed']}")
+    return summary
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through Server.__exit__: no server left behind
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lib.simulate", description=__doc__.split("\n")[0])
+    p.add_argument("--pool", type=Path, help="images/ + labels/ to label (default: made from ../shared/data)")
+    p.add_argument("--test", type=Path, help="images/ + labels/ held out (default: made with the pool)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="development data for the default pool")
+    p.add_argument("--pool-size", type=int, default=12, help="default pool: SPIDER cases (default 12)")
+    p.add_argument("--test-size", type=int, default=3, help="default test set: SPIDER cases (default 3)")
+    p.add_argument("--phantoms", type=int, default=0, help="synthetic phantoms added to the default pool")
+    p.add_argument("--strategies", nargs="+", default=["epistemic", "random"], choices=STRATEGIES)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help=f"server setting (over the simulation's {DEFAULT_CONF} and preset tiny)")
+    p.add_argument("--max-labels", type=int, help="stop each run after this many labels (default: whole pool)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to wait for one training or scoring")
+    p.add_argument("--report-only", action="store_true", help="redo summary.json and the plot from the CSV")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():  # kill PID stops the servers too
+        signal.signal(signal.SIGTERM, _terminate)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        report(out)
+        return 0
+    conf = {**DEFAULT_CONF, **dict(args.conf)}
+    conf.pop("model_dir", None)  # each run has its own
+    if args.pool is None:
+        pool, test = prepare_data(out / "data", args.pool_size, args.test_size, args.data, args.phantoms)
+        if args.test is not None:
+            test = args.test
+    else:
+        if args.test is None:
+            raise SystemExit("--pool needs --test (a held-out set that never goes into the studies)")
+        pool, test = args.pool, args.test
+    pool, test = pool.resolve(), test.resolve()
+    overlap = set(list_cases(pool)) & set(list_cases(test))
+    if overlap:
+        raise SystemExit(f"test cases also in the pool: {sorted(overlap)}")
+    if not list_cases(pool):
+        raise SystemExit(f"no pool cases in {pool}")
+    evaluate = Evaluator(test, {k: v for k, v in conf.items() if not k.startswith("auto_train")})
+    csv_path = out / "simulation.csv"
+    csv_path.unlink(missing_ok=True)
+    csv_log = CsvLog(csv_path)
+    (out / "config.json").write_text(json.dumps({"argv": list(argv) if argv is not None else sys.argv[1:],
+                                                 "conf": conf, "pool": str(pool), "test": str(test),
+                                                 "pool_cases": list_cases(pool), "test_cases": list_cases(test)},
+                                                indent=1))
+    all_rows: List[Dict[str, Any]] = []
+    for seed in args.seeds:
+        for strategy in args.strategies:
+            all_rows += run_one(strategy, seed, pool, evaluate, out, conf, args.max_labels, csv_log, args.timeout)
+            report(out)
+    if not any(r["all_labels"] for r in all_rows):
+        log("no run labelled the whole pool: one reference run with every label and one training")
+        run_one("all", 0, pool, evaluate, out, conf, None, csv_log, args.timeout)
+    report(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The annotation simulation (lib/simulate.py) end to end against the real server, made small:
+one strategy, one seed, 4 pool scans, 1 test scan, a training at 2 and at 4 labels."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+from conftest import shared_data
+from lib import simulate
+
+
+def test_minimal_simulation(tmp_path):
+    data = shared_data()
+    out = tmp_path / "sim"
+    rc = simulate.main(["--data", str(data), "--pool-size", "4", "--test-size", "1", "--strategies", "epistemic",
+                        "--seeds", "0", "--out", str(out), "--max-labels", "4", "--timeout", "900",
+                        "--conf", "auto_train_min_labels", "2", "--conf", "auto_train_new_labels", "2",
+                        "--conf", "max_epochs", "1"])
+    assert rc == 0
+    with open(out / "simulation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["n_labels"]) for r in rows] == [2, 4], rows  # one evaluation after each training
+    for r in rows:
+        assert r["strategy"] == "epistemic" and r["seed"] == "0" and r["test_cases"] == "1"
+        for key in ("dice_vertebrae", "dice_discs", "dice_canal", "dice_overall"):
+            assert math.isfinite(float(r[key])) and 0 <= float(r[key]) <= 1, (key, r)
+    # the first training makes a model serve where none did; the second leaves a new candidate
+    assert rows[0]["model_version"] and rows[0]["version_changed"] == "True"
+    assert rows[1]["candidate_version"] != rows[0]["candidate_version"]
+    if rows[1]["promoted"] == "True":
+        assert rows[1]["model_version"] == rows[1]["candidate_version"] != rows[0]["model_version"]
+    assert rows[-1]["all_labels"] == "True"  # the whole pool was labelled
+    assert (out / "learning_curve.png").stat().st_size > 1000
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["all_labels_points"] == 1 and "epistemic" in summary["strategies"]
+    # the held-out scan never reached the server; every pool image got its final label
+    config = json.loads((out / "config.json").read_text())
+    studies = out / "runs" / "epistemic-seed0" / "studies"
+    assert sorted(p.name[:-7] for p in studies.glob("*.nii.gz")) == sorted(config["pool_cases"])
+    assert not set(config["test_cases"]) & {p.name[:-7] for p in studies.rglob("*.nii.gz")}
+    picks = json.loads((out / "runs" / "epistemic-seed0" / "run.json").read_text())["picks"]
+    assert len({p["image"] for p in picks}) == 4
+    assert [p["how"] for p in picks][:2] == ["seeded client-side"] * 2  # no model yet: seeded pick
