@@ -73,9 +73,8 @@ class SpinePlan:
     cache_rate: float = 1.0
     # --- active learning -----------------------------------------------------------
     mc_samples: int = 5
-    score_method: str = "fast"  # fast | full (see lib/scoring/epistemic.py)
+    score_method: str = "full"  # full | fast (see lib/scoring/epistemic.py)
     score_spacing: Tuple[float, float, float] = (2.0, 3.0, 3.0)  # mm, RAS: the fast scorer's coarser grid
-    score_shared_stages: int = 2  # fast scorer: shallow Swin stages run once, not per sample (0..4)
     # --- bookkeeping ---------------------------------------------------------------
     preset: str = "default"
     extra: Dict[str, str] = field(default_factory=dict, compare=False)

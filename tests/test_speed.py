@@ -8,14 +8,13 @@ import pytest
 import torch
 from monai.transforms import Compose
 
-from lib.benchmark import label_agreement, make_full_fov_scan
+from lib.benchmark import agreement_report, label_agreement, make_full_fov_scan
 from lib.io import read_volume
 from lib.networks import build_network
 from lib.plans import SpinePlan
 from lib.scoring.epistemic import (
     EpistemicScorer,
     RunningMutualInformation,
-    SharedShallowMC,
     epistemic_score,
     fitted_roi,
 )
@@ -114,22 +113,6 @@ def test_label_agreement():
     assert label_agreement(a, b) == pytest.approx(2 * 16 / (32 + 16))
     b[3, 3, 3] = 11  # a structure only in one
     assert label_agreement(a, b) == pytest.approx((2 * 16 / 48 + 0) / 2)
-
-
-def test_shared_shallow_mc_is_the_plain_network_when_dropout_is_off():
-    plan = SpinePlan.from_conf({**TINY, "dropout": "0.5"})
-    network = build_network(plan)
-    x = torch.rand(1, 1, 32, 64, 64)
-    network.eval()
-    with torch.no_grad():
-        reference = network(x)
-        for shared in (0, 2, 4):
-            sampler = SharedShallowMC(network, samples=2, shared_stages=shared)
-            for module in network.modules():  # switch off what the sampler switched on
-                if isinstance(module, torch.nn.Dropout):
-                    module.eval()
-            for out in sampler(x):
-                assert torch.allclose(out, reference, atol=1e-5)
-        sampler = SharedShallowMC(network, samples=2, shared_stages=2)
-        first, second = sampler(x)
-        assert not torch.allclose(first, second)  # the deep part is sampled
+    report = agreement_report(a, b)
+    assert report["mean"] == label_agreement(a, b)
+    assert report["canal"] == 0.0 and report["foreground"] == pytest.approx(2 * 16 / (32 + 17))

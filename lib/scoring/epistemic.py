@@ -8,16 +8,18 @@ the model's knowledge is thin, not where the image is merely ambiguous.
 
 Two ways to compute it (``--conf score_method full|fast``):
 
-* ``full``: what MONAI Label's epistemic scoring does, ``mc_samples`` sliding-window
-  passes over the whole scan at the model spacing with the infer window layout;
-* ``fast`` (default): two savings. (1) The body-cropped scan is resampled to the coarser
-  ``score_spacing`` and covered by one window shaped to it (the smallest multiple of 32
-  per axis, up to the plan's ROI), without overlap: a scan-level mean needs no
-  full-resolution map. (2) The first ``score_shared_stages`` Swin stages (and the
-  encoder blocks that read them) run once, deterministically, per window; only the
-  deeper stages and the decoder are sampled ``mc_samples`` times
-  (:class:`SharedShallowMC`): at full width the shallow stages are most of the cost.
-  ``python -m lib.benchmark`` measures the cost of both and how well the rankings agree.
+* ``full`` (default): what MONAI Label's epistemic scoring does, ``mc_samples``
+  sliding-window passes over the body-cropped scan at the model spacing with the infer
+  window layout;
+* ``fast``: the same passes on the scan resampled to the coarser ``score_spacing`` and
+  covered by one window shaped to it (the smallest multiple of 32 per axis, up to the
+  plan's ROI), without overlap. About 4x cheaper, but on the current starter weights its
+  ranking of scans agrees poorly with ``full`` (see the model card), so it is not the
+  default; ``python -m lib.benchmark`` measures both again for any weights.
+
+(Sampling only the deep Swin stages once the shallow ones are shared was tried and
+dropped: the mutual information comes mostly from the dropout of the shallow stages, and
+the ranking did not follow the full computation.)
 
 Scores are written into the datastore's image info under ``SCORE_KEY`` together with the
 model version; a scan is re-scored only when the serving model changes.
@@ -111,59 +113,6 @@ def fitted_roi(shape: Tuple[int, ...], max_roi: Tuple[int, ...], multiple: int =
     return tuple(roi)
 
 
-class SharedShallowMC(torch.nn.Module):
-    """SwinUNETR forward for MC dropout that samples only the deep part.
-
-    Input ``(B, 1, X, Y, Z)``; output a tuple of ``samples`` logits ``(B, 12, X, Y, Z)``.
-    The patch embedding, the first ``shared_stages`` Swin stages and the encoder blocks
-    fed by them run once with dropout off; the remaining stages, the bottleneck and the
-    decoder run ``samples`` times with dropout on. Same weights, same layers as
-    ``SwinUNETR.forward`` (MONAI 1.5, ``use_v2=False``).
-    """
-
-    def __init__(self, network: torch.nn.Module, samples: int, shared_stages: int = 2):
-        super().__init__()
-        if getattr(network.swinViT, "use_v2", False):
-            raise ValueError("SharedShallowMC supports SwinUNETR without use_v2")
-        if not 0 <= shared_stages <= 4:
-            raise ValueError(f"shared_stages must lie in 0..4, got {shared_stages}")
-        self.net, self.samples, self.shared_stages = network, samples, shared_stages
-        self.net.eval()
-        vit = self.net.swinViT
-        stages = [vit.layers1, vit.layers2, vit.layers3, vit.layers4]
-        stochastic = ([vit.pos_drop] if shared_stages == 0 else []) + stages[shared_stages:]
-        for part in stochastic:
-            for module in part.modules():
-                if isinstance(module, torch.nn.Dropout | torch.nn.Dropout3d):
-                    module.train()
-
-    def forward(self, x_in: torch.Tensor):
-        net, vit = self.net, self.net.swinViT
-        stages = [vit.layers1, vit.layers2, vit.layers3, vit.layers4]
-        encoders = [net.encoder2, net.encoder3, net.encoder4]  # read hidden states 0, 1, 2
-        enc0 = net.encoder1(x_in)
-        x = vit.pos_drop(vit.patch_embed(x_in))
-        shared = [vit.proj_out(x, net.normalize)]
-        for stage in stages[: self.shared_stages]:
-            x = stage[0](x.contiguous())
-            shared.append(vit.proj_out(x, net.normalize))
-        shared_enc = [enc(h) for enc, h in zip(encoders, shared)]
-        outputs = []
-        for _ in range(self.samples):
-            y, hidden = x, list(shared)
-            if self.shared_stages == 0:  # the embedding's dropout is stochastic too
-                y = vit.pos_drop(vit.patch_embed(x_in))
-                hidden = [vit.proj_out(y, net.normalize)]
-            for stage in stages[self.shared_stages:]:
-                y = stage[0](y.contiguous())
-                hidden.append(vit.proj_out(y, net.normalize))
-            enc = shared_enc + [e(h) for e, h in zip(encoders[len(shared_enc):], hidden[len(shared_enc):3])]
-            dec3 = net.decoder5(net.encoder10(hidden[4]), hidden[3])
-            dec0 = net.decoder2(net.decoder3(net.decoder4(dec3, enc[2]), enc[1]), enc[0])
-            outputs.append(net.out(net.decoder1(dec0, enc0)))
-        return tuple(outputs)
-
-
 class EpistemicScorer:
     """MC-dropout mutual information of one scan, by the ``full`` or the ``fast`` computation."""
 
@@ -202,16 +151,10 @@ class EpistemicScorer:
         running = RunningMutualInformation()
         try:
             with torch.no_grad():
-                if method == "fast":  # all samples in one sweep: shallow part once per window
-                    sampler = SharedShallowMC(self.network, samples, self.plan.score_shared_stages)
-                    for logits in inferer(x, sampler):
-                        running.add(torch.softmax(logits[0], 0).cpu())
-                else:
-                    for _ in range(samples):
-                        running.add(torch.softmax(inferer(x, self.network)[0], 0).cpu())
+                for _ in range(samples):
+                    running.add(torch.softmax(inferer(x, self.network)[0], 0).cpu())
         finally:
             torch.random.set_rng_state(generator_state)
-            enable_mc_dropout(self.network)  # SharedShallowMC switched the shallow dropout off
         return running.score()
 
 
