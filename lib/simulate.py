@@ -22,7 +22,9 @@ settings, see :data:`DEFAULT_CONF`). Then the annotator loop:
    not), mean Dice of the vertebrae, discs, canal and of all 11 structures.
 
 Once every pool image is labelled, a last training on all of them is requested (if the
-automatic one did not already cover them): that row is the run's *all-labels* point.
+automatic one did not already cover them): that row is the run's *all-labels* point, the
+model that serves at the end (the promotion gate may have kept an older one: the row's
+``candidate_dice_overall`` then gives the Dice of the candidate trained on every label).
 Their mean over runs is the reference of "labels needed to reach 90 % of the all-labels
 Dice". Without any all-labels point (``--max-labels`` below the pool size), one extra
 run labels the whole pool at once and trains once (``strategy`` ``all`` in the CSV).
@@ -87,7 +89,7 @@ DEFAULT_CONF: Dict[str, str] = {
 GROUPS = ("vertebrae", "discs", "canal")
 CSV_COLUMNS = ("strategy", "seed", "n_labels", "train_images", "val_images", "model_version", "candidate_version",
                "promoted", "version_changed", "all_labels", "dice_vertebrae", "dice_discs", "dice_canal",
-               "dice_overall", "test_cases", "train_seconds", "eval_seconds", "elapsed_seconds")
+               "dice_overall", "candidate_dice_overall", "test_cases", "train_seconds", "eval_seconds", "elapsed_seconds")
 ACTIVE = ("SUBMITTED", "RUNNING")
 
 
@@ -427,6 +429,11 @@ def run_one(strategy: str, seed: int, pool: Path, evaluate: Evaluator, out: Path
                 weights = run_dir / "serving-copy.pt"
                 shutil.copyfile(model_dir / "spine.pt", weights)
             dice = evaluate(weights, current)
+            candidate = newest.get("version")
+            candidate_dice: Optional[float] = dice["overall"] if candidate == current else None
+            candidate_weights = model_dir / "versions" / str(candidate) / "spine.pt"
+            if candidate_dice is None and n == len(pool_ids) and candidate_weights.exists():
+                candidate_dice = evaluate(candidate_weights, candidate)["overall"]  # trained on every label
             row = {"strategy": strategy, "seed": seed, "n_labels": n,
                    "train_images": metrics.get("train_images"),
                    "val_images": len(metrics.get("validation_ids") or []),
@@ -434,6 +441,7 @@ def run_one(strategy: str, seed: int, pool: Path, evaluate: Evaluator, out: Path
                    "promoted": bool(newest.get("promoted")), "version_changed": current != serving,
                    "all_labels": n == len(pool_ids),
                    **{f"dice_{g}": round(dice[g], 5) for g in (*GROUPS, "overall")},
+                   "candidate_dice_overall": "" if candidate_dice is None else round(candidate_dice, 5),
                    "test_cases": len(evaluate.cases), "train_seconds": round(train_seconds, 1),
                    "eval_seconds": dice["eval_seconds"], "elapsed_seconds": round(time.time() - start, 1)}
             serving = current
@@ -496,6 +504,8 @@ def read_rows(path: Path) -> List[Dict[str, Any]]:
         r["all_labels"] = r["all_labels"] == "True"
         for key in ("dice_vertebrae", "dice_discs", "dice_canal", "dice_overall"):
             r[key] = float(r[key])
+        r["candidate_dice_overall"] = float(r["candidate_dice_overall"]) if r.get("candidate_dice_overall") \
+            else float("nan")
     return rows
 
 
@@ -528,7 +538,9 @@ def summarize(rows: Sequence[Dict[str, Any]], fraction: float = 0.9) -> Dict[str
     full = [r for r in rows if r["all_labels"]]
     reference = {g: _nanmean([r[f"dice_{g}"] for r in full]) for g in (*GROUPS, "overall")} if full else None
     summary: Dict[str, Any] = {"all_labels_dice": reference, "all_labels_points": len(full), "fraction": fraction,
-                               "strategies": {}}
+                               # the last candidate, trained on every label, also where the gate kept an older model
+                               "all_labels_candidate_dice": _nanmean([r["candidate_dice_overall"] for r in full])
+                               if full else None, "strategies": {}}
     if not reference or math.isnan(reference["overall"]):
         return summary
     threshold = fraction * reference["overall"]

@@ -32,6 +32,7 @@ def test_minimal_simulation(tmp_path):
     if rows[1]["promoted"] == "True":
         assert rows[1]["model_version"] == rows[1]["candidate_version"] != rows[0]["model_version"]
     assert rows[-1]["all_labels"] == "True"  # the whole pool was labelled
+    assert math.isfinite(float(rows[-1]["candidate_dice_overall"]))  # the model trained on every label
     assert (out / "learning_curve.png").stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())
     assert summary["all_labels_points"] == 1 and "epistemic" in summary["strategies"]
