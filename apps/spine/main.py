@@ -34,7 +34,7 @@ class SpineApp(SpineServerMixin, MONAILabelApp):
             name="Lumbar spine MRI",
             description="L1-L5 vertebrae, discs L1-L2..L5-S1 and spinal canal, with active learning",
             version="1.0",
-            labels=LABELS,
+            labels=sorted(LABELS, key=LABELS.get),  # a list: the OHIF panel appends to it (a dict crashes it)
         )
 
     def init_infers(self):
