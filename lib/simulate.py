@@ -469,7 +469,14 @@ def run_one(strategy: str, seed: int, pool: Path, evaluate: Evaluator, out: Path
             if strategy == "all":
                 image_id, how = unlabeled[0], "all"
             else:
-                answer = client.next_image(strategy)
+                try:
+                    answer = client.next_image(strategy)
+                except requests.HTTPError:
+                    if strategy != "random":
+                        raise
+                    # MONAI Label 0.8.5's random strategy answers 500 when every unlabeled image was
+                    # offered within the current second (its weights are seconds since: all 0)
+                    answer = {}
                 if strategy == "random" or answer.get("fallback") or not answer.get("id"):
                     image_id, how = rng.choice(unlabeled), "seeded client-side"
                 else:
