@@ -589,11 +589,22 @@ def plot(rows: Sequence[Dict[str, Any]], summary: Dict[str, Any], path: Path) ->
     plt.close(fig)
 
 
+def _json_safe(obj: Any) -> Any:
+    """NaN -> null, so that summary.json is strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def report(out: Path) -> Dict[str, Any]:
     """CSV -> ``summary.json`` + ``learning_curve.png``; printed."""
     rows = read_rows(out / "simulation.csv")
     summary = summarize(rows)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1))
     plot(rows, summary, out / "learning_curve.png")
     reference = summary.get("all_labels_dice")
     if reference:
