@@ -7,9 +7,10 @@ In one process, with the same weights, on the same real scans:
 
 * **stock**: the whole scan resampled to the model spacing, MONAI
   ``sliding_window_inference`` with ROI 96x96x96, overlap 0.25, gaussian blending,
-  sw_batch_size 1, no cropping, logits inverted to the scan grid, argmax;
+  sw_batch_size 1, no cropping, logits inverted to the scan grid, then the same label
+  decision as the app (the plan's ``label_decision``);
 * **app**: ``SpineSegmenter.segment``, the code path of ``/infer/spine`` end to end (load,
-  checks, resample, body crop, sliding window with the plan's ROI, inversion, argmax,
+  checks, resample, body crop, sliding window with the plan's ROI, inversion, label decision,
   clean-up, level assignment, NIfTI writing), first cold (model construction included,
   as a server's first request), then warm (model already loaded);
 * **app steps**: the app with single optimisations turned off (``--conf`` overrides), so
@@ -52,6 +53,7 @@ import numpy as np
 import psutil
 import torch
 
+from lib.grouping import decide
 from lib.labels import NUM_CLASSES
 from lib.model_store import DEFAULT_MODEL_DIR, REPO_ROOT, weights_path
 from lib.networks import build_network
@@ -187,14 +189,14 @@ def load_network(plan: SpinePlan, model_path: str) -> torch.nn.Module:
 
 
 class StockPipeline:
-    """Resample everything, 96^3 sliding window over the whole scan, invert, argmax."""
+    """Resample everything, 96^3 sliding window over the whole scan, invert, the plan's label decision."""
 
     def __init__(self, network: torch.nn.Module, plan: SpinePlan):
         from monai.transforms import Compose
 
         from lib.transforms import load_and_resample
 
-        self.network = network
+        self.network, self.plan = network, plan
         self.pre = Compose(load_and_resample(["image"], plan))
 
     def __call__(self, scan: Path) -> np.ndarray:
@@ -208,7 +210,7 @@ class StockPipeline:
             )[0]
         data["pred"] = logits
         data = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=False)(data)
-        return torch.argmax(data["pred"], dim=0).numpy().astype(np.uint8)
+        return decide(torch.as_tensor(data["pred"]), self.plan.label_decision).numpy().astype(np.uint8)
 
 
 def postprocess_like_app(label: np.ndarray, affine: np.ndarray, plan: SpinePlan) -> np.ndarray:

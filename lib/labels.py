@@ -44,6 +44,11 @@ VERTEBRAE: Tuple[int, ...] = tuple(s.value for s in STRUCTURES if s.kind == "ver
 DISCS: Tuple[int, ...] = tuple(s.value for s in STRUCTURES if s.kind == "disc")
 CANAL: int = next(s.value for s in STRUCTURES if s.kind == "canal")
 
+#: structure kinds in a fixed order (background first); the levels of a kind share its appearance
+KINDS: Tuple[str, ...] = ("background", "vertebra", "disc", "canal")
+#: index into ``KINDS`` of every label value 0..11
+KIND_INDEX: Tuple[int, ...] = tuple(KINDS.index(s.kind) for s in STRUCTURES)
+
 #: name -> value for all 12 classes, background included (what MONAI Label's ``labels`` expects)
 LABELS: Dict[str, int] = {s.name: s.value for s in STRUCTURES}
 NAMES: Dict[int, str] = {s.value: s.name for s in STRUCTURES}

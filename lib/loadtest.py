@@ -7,8 +7,10 @@ with probability ``--label-share``, saves an existing final label again (downloa
 ``PUT /datastore/label`` with the same bytes: the datastore ends as it started). The
 run is bounded by ``--seconds`` and ``--max-requests``; only loopback servers are
 accepted, so it cannot be pointed at someone else's machine. Prints throughput,
-p50/p95 latency per request kind (all answers, and the 200s alone) and the count of
-each status (``timeout`` and ``error`` for requests without an HTTP answer). A client
+p50/p95 latency per request kind (all answers, and the 200s alone), the count of
+each status (``timeout`` and ``error`` for requests without an HTTP answer), and the
+server's resident memory (its process and children, MB) before, at the peak of and
+after the load: the process listening on the URL's port, or ``--server-pid``. A client
 told 503/429 waits as ``Retry-After`` says, at most ``--max-backoff`` seconds, as a
 polite client would, instead of hammering the server.
 """
@@ -29,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import numpy as np
+import psutil
 import requests
 
 MAX_CLIENTS = 64
@@ -116,6 +119,67 @@ def timed(kind: str, call) -> Outcome:
     return Outcome(kind, status, time.perf_counter() - start, retry_after)
 
 
+class MemorySampler:
+    """Resident memory (MB) of a server process and its children, sampled in a thread.
+
+    ``pid`` None: nothing is sampled (the server's process could not be found).
+    """
+
+    def __init__(self, pid: Optional[int], interval: float = 0.2):
+        self.pid, self.interval = pid, interval
+        self.samples: List[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss_mb(self) -> Optional[float]:
+        try:
+            process = psutil.Process(self.pid)
+            total = process.memory_info().rss
+            for child in process.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:
+                    pass  # a child that ended between the listing and the reading
+            return total / 2**20
+        except psutil.Error:
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if (mb := self.rss_mb()) is not None:
+                self.samples.append(mb)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "MemorySampler":
+        if self.pid is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def report(self) -> Optional[Dict[str, float]]:
+        if not self.samples:
+            return None
+        return {"pid": self.pid, "start_mb": round(self.samples[0], 1), "peak_mb": round(max(self.samples), 1),
+                "end_mb": round(self.samples[-1], 1)}
+
+
+def listening_pid(url: str) -> Optional[int]:
+    """The process listening on the (loopback) URL's port, or None where it cannot be seen."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return conn.pid
+    except (psutil.Error, OSError):
+        pass  # listing other processes' sockets needs privileges on some systems
+    return None
+
+
 class Budget:
     """Shared bound on the number of requests and the time in which new ones start."""
 
@@ -176,8 +240,9 @@ def summarise(outcomes: List[Outcome], wall_s: float) -> Dict[str, Dict]:
 
 
 def run(url: str, clients: int = 8, seconds: float = 60, max_requests: int = 10000, model: str = "spine",
-        label_share: float = 0.25, timeout: float = 120, max_backoff: float = 5.0) -> Tuple[Dict[str, Dict], float]:
-    """Run the load; ``(summary per kind, wall seconds)``."""
+        label_share: float = 0.25, timeout: float = 120, max_backoff: float = 5.0,
+        server_pid: Optional[int] = None) -> Tuple[Dict[str, Dict], float, Optional[Dict[str, float]]]:
+    """Run the load; ``(summary per kind, wall seconds, server memory or None)``."""
     if not 1 <= clients <= MAX_CLIENTS or not 0 < seconds <= MAX_SECONDS or max_requests < 1:
         raise ValueError(f"need 1..{MAX_CLIENTS} clients, 0..{MAX_SECONDS} seconds and max_requests >= 1")
     url = require_loopback(url)
@@ -185,16 +250,19 @@ def run(url: str, clients: int = 8, seconds: float = 60, max_requests: int = 100
     budget, outcomes = Budget(max_requests, seconds), []
     threads = [threading.Thread(target=client, args=(url, model, plan, budget, label_share, timeout, outcomes,
                                                      max_backoff), daemon=True) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    return summarise(outcomes, wall), wall
+    with MemorySampler(server_pid or listening_pid(url)) as memory:
+        time.sleep(2 * memory.interval)  # a sample before the load
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        time.sleep(2 * memory.interval)  # and one after it
+    return summarise(outcomes, wall), wall, memory.report()
 
 
-def format_table(summary: Dict[str, Dict], wall_s: float) -> str:
+def format_table(summary: Dict[str, Dict], wall_s: float, memory: Optional[Dict[str, float]] = None) -> str:
     lines = [f"{'kind':<6} {'count':>6} {'ok':>6} {'req/s':>7} {'ok/s':>7} {'p50 s':>7} {'p95 s':>7} "
              f"{'ok p50':>7} {'ok p95':>7}  statuses"]
     for kind, s in summary.items():
@@ -203,6 +271,11 @@ def format_table(summary: Dict[str, Dict], wall_s: float) -> str:
         lines.append(f"{kind:<6} {s['count']:>6} {s['ok']:>6} {s['per_s']:>7.2f} {s['ok_per_s']:>7.2f} "
                      f"{s['p50_s']:>7.2f} {s['p95_s']:>7.2f} {ok_p50} {ok_p95}  {statuses}")
     lines.append(f"wall time {wall_s:.1f} s")
+    if memory:
+        lines.append(f"server memory (pid {memory['pid']}, with children): {memory['start_mb']:.0f} MB before, "
+                     f"{memory['peak_mb']:.0f} MB peak, {memory['end_mb']:.0f} MB after")
+    else:
+        lines.append("server memory: not measured (its process was not found; pass --server-pid)")
     return "\n".join(lines)
 
 
@@ -217,15 +290,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--timeout", type=float, default=120, help="per request, seconds")
     parser.add_argument("--max-backoff", type=float, default=5.0,
                         help="longest wait (s) after a 503/429, whatever Retry-After says")
+    parser.add_argument("--server-pid", type=int, help="server process to measure (default: the one on the port)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     try:
-        summary, wall = run(args.url, args.clients, args.seconds, args.max_requests, args.model,
-                            args.label_share, args.timeout, args.max_backoff)
+        summary, wall, memory = run(args.url, args.clients, args.seconds, args.max_requests, args.model,
+                                    args.label_share, args.timeout, args.max_backoff, args.server_pid)
     except (ValueError, requests.RequestException) as e:
         print(f"loadtest: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"summary": summary, "wall_s": round(wall, 3)}) if args.json else format_table(summary, wall))
+    print(json.dumps({"summary": summary, "wall_s": round(wall, 3), "server_memory": memory}) if args.json
+          else format_table(summary, wall, memory))
     return 0
 
 

@@ -57,6 +57,9 @@ class SpinePlan:
     sw_overlap: float = 0.25
     sw_batch_size: int = 1
     # --- post-processing -----------------------------------------------------------
+    # kind_first: vertebra/disc/canal/background by their summed probabilities, then the level
+    # (lib/grouping.py); argmax: the plain argmax over the 12 channels
+    label_decision: str = "kind_first"
     min_island_ml: float = 0.1  # pieces smaller than this are noise
     # --- training ------------------------------------------------------------------
     max_epochs: int = 300
@@ -68,6 +71,7 @@ class SpinePlan:
     warmup_epochs: int = 5
     early_stop_patience: int = 10  # validations without improvement
     loss: str = "dice_ce"  # dice_ce | dice_focal
+    kind_loss_weight: float = 1.0  # + this x the same loss on the 4 kinds (lib/grouping.py); 0 = off
     class_weights: Tuple[float, ...] = ()  # per class incl. background, empty = uniform
     val_fraction: float = 0.2
     cache_rate: float = 1.0
@@ -92,6 +96,10 @@ class SpinePlan:
             raise ValueError(f"sw_overlap must lie in [0, 1), got {self.sw_overlap}")
         if self.score_method not in ("fast", "full"):
             raise ValueError(f"score_method must be fast or full, got {self.score_method!r}")
+        if self.label_decision not in ("kind_first", "argmax"):
+            raise ValueError(f"label_decision must be kind_first or argmax, got {self.label_decision!r}")
+        if self.kind_loss_weight < 0:
+            raise ValueError(f"kind_loss_weight must be >= 0, got {self.kind_loss_weight}")
         if self.loss not in ("dice_ce", "dice_focal"):
             raise ValueError(f"loss must be dice_ce or dice_focal, got {self.loss!r}")
 

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
-    AsDiscreted,
     CastToTyped,
     CropForegroundd,
     EnsureChannelFirstd,
@@ -35,10 +34,10 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
     SpatialPadd,
     Spacingd,
-    SqueezeDimd,
 )
 
 from lib.errors import InvalidInput
+from lib.grouping import StructureDecisiond
 from lib.io import LIMITS, check_file, check_volume, unreadable
 from lib.labels import IGNORE_VALUE, NUM_CLASSES
 from lib.plans import SpinePlan
@@ -210,10 +209,7 @@ def val_pre_transforms(plan: SpinePlan) -> List[Any]:
     return load_and_resample(["image", "label"], plan, label_key="label")
 
 
-def discrete_post_transforms() -> List[Any]:
-    """Logits (12, X, Y, Z) -> label map (X, Y, Z) uint8 on the same grid."""
-    return [
-        AsDiscreted(keys="pred", argmax=True),
-        SqueezeDimd(keys="pred", dim=0),
-        CastToTyped(keys="pred", dtype=np.uint8),
-    ]
+def discrete_post_transforms(plan: SpinePlan) -> List[Any]:
+    """Logits (12, X, Y, Z) -> label map (X, Y, Z) uint8 on the same grid, by the plan's
+    ``label_decision`` (kind first, then level: :mod:`lib.grouping`)."""
+    return [StructureDecisiond(keys="pred", decision=plan.label_decision)]

@@ -7,6 +7,7 @@ outside the repository, with the tiny preset so that one epoch takes seconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -147,9 +148,10 @@ class Server:
 
 
 def snapshot(folder: Path) -> dict:
-    """Every file under ``folder`` with its bytes: to prove a refused request wrote nothing."""
+    """Every file under ``folder`` with the SHA-256 of its bytes: to prove a refused request wrote
+    nothing (digests, so that a failing comparison prints short strings, not a diff of MBs)."""
     return {
-        str(p.relative_to(folder)): p.read_bytes()
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != ".lock"
     }

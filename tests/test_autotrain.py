@@ -101,11 +101,14 @@ def test_labels_saved_during_a_run_count_for_the_next(tmp_path):
         assert not auto.check().start
     assert fake.starts == 1
     fake.finish()  # ... the check after the run starts the next one
-    deadline = time.time() + 5
-    while fake.starts < 2 and time.time() < deadline:
-        time.sleep(0.01)
+
+    def saved_state():
+        return json.loads((tmp_path / STATE_FILENAME).read_text())
+
+    # the trainer starts inside the check, the counters are written just after: wait for both
+    assert wait_until(lambda: fake.starts == 2 and saved_state()["runs_started"] == 2, timeout=30), fake.starts
     assert fake.starts == 2
-    state = json.loads((tmp_path / STATE_FILENAME).read_text())
+    state = saved_state()
     assert state["runs_started"] == 2 and state["final_labels_at_last_start"] == 7
     # a restart reads the same counters
     again = fake.make(tmp_path)
@@ -123,7 +126,7 @@ def test_relabelling_an_image_is_not_a_new_label(tmp_path):
     assert auto.check().start
 
 
-def wait_until(condition, timeout=5.0):
+def wait_until(condition, timeout=30.0):
     deadline = time.time() + timeout
     while not condition() and time.time() < deadline:
         time.sleep(0.01)
@@ -148,8 +151,8 @@ def test_a_run_started_by_a_train_request_moves_the_counters(tmp_path):
     fake.labeled = fake.labeled + ["g", "h", "i", "j", "k"]  # saved during that run: refused (busy) ...
     assert not auto.check().start
     fake.finish()  # ... and counted for the run after it
-    assert wait_until(lambda: fake.starts == 2)
-    assert auto.state.runs_started == 3 and auto.state.final_labels_at_last_start == 11
+    assert wait_until(lambda: fake.starts == 2 and auto.state.runs_started == 3)  # state follows the start
+    assert auto.state.final_labels_at_last_start == 11
 
 
 def test_test_images_are_not_counted(tmp_path):

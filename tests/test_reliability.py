@@ -369,8 +369,13 @@ def test_load_every_request_succeeds_or_is_turned_away(site):
                            "--max-requests", "40", "--timeout", "120", "--label-share", "0.4", "--json"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout)["summary"]
+    report = json.loads(proc.stdout)
+    summary, memory = report["summary"], report["server_memory"]
     assert summary["infer"]["count"] > 0 and summary["label"]["count"] > 0, summary
+    # the server's own process was found on the port and measured through the load
+    server = psutil.Process(site["server"].proc.pid)
+    assert memory and memory["pid"] in {server.pid} | {c.pid for c in server.children(recursive=True)}, memory
+    assert 0 < memory["start_mb"] <= memory["peak_mb"] and memory["end_mb"] <= memory["peak_mb"], memory
     for kind, s in summary.items():
         assert set(s["statuses"]) <= {"200", "429", "503"}, (kind, s)
         assert s["ok"] > 0, (kind, s)

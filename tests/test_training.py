@@ -8,6 +8,7 @@ import shutil
 from monailabel.datastore.local import LocalDatastore
 
 from conftest import reliable_spider_ids, small_scan
+from lib.model_store import file_sha256
 from lib.plans import SpinePlan
 from lib.trainers.spine import SpineTrainTask
 
@@ -43,10 +44,10 @@ def test_training_validates_on_a_fixed_split_and_fine_tunes(tmp_path):
     assert SpineTrainTask(str(model_dir), plan).load_path("unused") == str(model_dir / "spine.pt")
 
     # a candidate that does worse on the same validation images never replaces the serving model
-    weights_before = (model_dir / "spine.pt").read_bytes()
+    weights_before = file_sha256(model_dir / "spine.pt")
     (model_dir / "spine.json").write_text(json.dumps({**serving, "val_mean_dice": 1.5}))
     SpineTrainTask(str(model_dir), plan)({}, datastore)
-    assert (model_dir / "spine.pt").read_bytes() == weights_before
+    assert file_sha256(model_dir / "spine.pt") == weights_before
     assert json.loads((model_dir / "spine.json").read_text())["val_mean_dice"] == 1.5
 
     # a sixth label arrives: the validation image stays, nothing moves from validation to train

@@ -5,7 +5,7 @@ Stages (one code path for the server, ``SpineSegmenter`` and ``python -m lib.seg
 2. sliding-window SwinUNETR, logits ``(12, X, Y, Z)``;
 3. invert orientation + spacing on the logits (bilinear), so the argmax happens on the
    scan's grid: the label has exactly the input's shape and affine;
-4. post: argmax, clean-up per structure, level assignment; the result JSON carries
+4. post: kind-then-level decision (:mod:`lib.grouping`), clean-up per structure, level assignment; the result JSON carries
    label names, volumes (mL) and the level-consistency report.
 """
 
@@ -133,7 +133,7 @@ class SpineInferTask(BasicInferTask):
         return []  # invert every invertible pre-transform (orientation, spacing) on the logits
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
-        return discrete_post_transforms() + [SpinePostprocessd(self.plan)]
+        return discrete_post_transforms(self.plan) + [SpinePostprocessd(self.plan)]
 
     def writer(self, data: Dict[str, Any], extension=None, dtype=None) -> Tuple[Any, Any]:
         # a DICOM folder has no extension to copy: answer NIfTI unless the client asked

@@ -3,8 +3,9 @@
 For each scan without a ``final`` label, ``plan.mc_samples`` stochastic forward passes
 (dropout on) give softmax maps ``p_s`` of shape ``(12, X, Y, Z)`` in model space. The
 score is the mean mutual information (BALD) ``H[mean_s p_s] - mean_s H[p_s]`` (nats)
-over the voxels any pass calls foreground: high where the passes disagree, i.e. where
-the model's knowledge is thin, not where the image is merely ambiguous.
+over the voxels any pass calls foreground (kind-first decision, :mod:`lib.grouping`):
+high where the passes disagree, i.e. where the model's knowledge is thin, not where the
+image is merely ambiguous.
 
 Two ways to compute it (``--conf score_method full|fast``):
 
@@ -39,6 +40,7 @@ from monai.transforms import Compose
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
+from lib.grouping import structure_argmax
 from lib.model_store import model_version, weights_path
 from lib.networks import build_network, enable_mc_dropout, select_device
 from lib.plans import SpinePlan
@@ -61,7 +63,7 @@ def mutual_information(probabilities: torch.Tensor, eps: float = EPS) -> torch.T
 def epistemic_score(probabilities: torch.Tensor) -> float:
     """Mean mutual information over voxels that any sample labels as foreground."""
     mi = mutual_information(probabilities)
-    foreground = (probabilities.argmax(1) > 0).any(0)
+    foreground = (structure_argmax((probabilities + EPS).log(), dim=1) > 0).any(0)
     region = mi[foreground] if foreground.any() else mi.flatten()
     return float(region.mean())
 
@@ -83,7 +85,7 @@ class RunningMutualInformation:
         """One sample's softmax ``(C, X, Y, Z)``."""
         p = probabilities.float()
         entropy = -(p * (p + EPS).log()).sum(0)
-        foreground = p.argmax(0) > 0
+        foreground = structure_argmax((p + EPS).log(), dim=0) > 0
         if self.count == 0:
             self.sum_p, self.sum_entropy, self.foreground = p.clone(), entropy, foreground
         else:

@@ -1,6 +1,7 @@
 """The ``spine`` train task: fine-tune SwinUNETR on every image with a ``final`` label.
 
-Recipe (all numbers from the plan): DiceCE (or DiceFocal) with optional class weights,
+Recipe (all numbers from the plan): DiceCE (or DiceFocal) with optional class weights, plus
+the same loss on the four structure kinds (:class:`lib.grouping.KindAwareLoss`),
 AdamW, linear warm-up then cosine decay (per epoch), sliding-window validation with
 mean Dice over the 11 structures, early stopping on it, AMP only on CUDA, CacheDataset,
 TensorBoard events in the run folder, ``train_stats.json`` for Slicer's progress bar.
@@ -24,11 +25,12 @@ from monai.handlers import LrScheduleHandler, MeanDice, from_engine
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss, DiceFocalLoss
 from monai.optimizers import WarmupCosineSchedule
-from monai.transforms import Activationsd, AsDiscreted, Compose
+from monai.transforms import AsDiscreted, Compose, Lambdad
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from lib import versions
 from lib.autotrain import record_run_start
+from lib.grouping import KindAwareLoss, decide
 from lib.labels import BACKGROUND, LABELS, NAMES, NUM_CLASSES
 from lib.model_store import file_sha256, model_version, runs_dir, weights_path
 from lib.networks import build_network
@@ -94,9 +96,11 @@ class SpineTrainTask(BasicTrainTask):
         weight = torch.tensor(self.plan.class_weights, dtype=torch.float32) if self.plan.class_weights else None
         if weight is not None and len(weight) != NUM_CLASSES:
             raise ValueError(f"class_weights needs {NUM_CLASSES} values (background first), got {len(weight)}")
-        if self.plan.loss == "dice_focal":
-            return DiceFocalLoss(to_onehot_y=True, softmax=True, weight=weight)
-        return DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
+        base = DiceFocalLoss if self.plan.loss == "dice_focal" else DiceCELoss
+        levels = base(to_onehot_y=True, softmax=True, weight=weight)
+        if not self.plan.kind_loss_weight:
+            return levels
+        return KindAwareLoss(levels, base(to_onehot_y=True, softmax=True), self.plan.kind_loss_weight)
 
     def lr_scheduler_handler(self, context: Context):
         warmup = min(self.plan.warmup_epochs, max(context.max_epochs - 1, 0))
@@ -130,10 +134,10 @@ class SpineTrainTask(BasicTrainTask):
         return val_pre_transforms(self.plan)
 
     def train_post_transforms(self, context: Context):
-        return _onehot_post_transforms()
+        return _onehot_post_transforms(self.plan)
 
     def val_post_transforms(self, context: Context):
-        return _onehot_post_transforms()
+        return _onehot_post_transforms(self.plan)
 
     def val_inferer(self, context: Context):
         return SlidingWindowInferer(
@@ -197,7 +201,7 @@ def measure(weights: str, records: Sequence[Dict[str, Any]], plan: SpinePlan, de
     """Mean and per-structure validation Dice of ``weights`` on ``records`` (image + label).
 
     One code path for the candidate and the serving model, so that they are compared on
-    equal terms: the validation transforms, sliding-window inference, argmax, Dice per
+    equal terms: the validation transforms, sliding-window inference, the plan's label decision, Dice per
     structure in model space. A structure's Dice is its mean over the images that contain
     it (in the reference or the prediction); the mean Dice is the mean over structures.
     """
@@ -212,7 +216,8 @@ def measure(weights: str, records: Sequence[Dict[str, Any]], plan: SpinePlan, de
         for record in records:
             data = pre({"image": record["image"], "label": record["label"]})
             logits = inferer(data["image"][None].to(device), network)
-            per_image.append(dice_per_structure(logits[0].argmax(0).cpu(), data["label"][0].round().long()))
+            pred = decide(logits[0], plan.label_decision, dim=0).cpu()
+            per_image.append(dice_per_structure(pred, data["label"][0].round().long()))
     per_structure: Dict[str, Optional[float]] = {}
     for name in (NAMES[v] for v in range(NUM_CLASSES) if v != BACKGROUND):
         values = [d[name] for d in per_image if d[name] is not None]
@@ -321,8 +326,9 @@ class ServingGuard:
             return None
 
 
-def _onehot_post_transforms() -> List[Any]:
+def _onehot_post_transforms(plan: SpinePlan) -> List[Any]:
+    """Logits and label -> one-hot maps for MeanDice, by the decision the user gets."""
     return [
-        Activationsd(keys="pred", softmax=True),
-        AsDiscreted(keys=("pred", "label"), argmax=(True, False), to_onehot=(NUM_CLASSES, NUM_CLASSES)),
+        Lambdad(keys="pred", func=lambda logits: decide(logits, plan.label_decision, dim=0)[None]),
+        AsDiscreted(keys=("pred", "label"), to_onehot=(NUM_CLASSES, NUM_CLASSES)),
     ]
