@@ -11,7 +11,10 @@ channels, and a plain argmax then picks background (0.3 beats 0.7 / 5). So:
   probabilities of each kind;
 * :func:`structure_argmax` decides the kind first (argmax of the kind logits), then the
   level inside that kind (argmax over the kind's channels); :mod:`lib.levels` then puts
-  the levels in anatomical order. For a confident network it equals the plain argmax;
+  the levels in anatomical order. For a confident network it equals the plain argmax.
+  It is an option (``--conf label_decision kind_first``), not the default: on the weakly
+  trained starter weights it grew the vertebra kind over the undetected discs, so the
+  vertebrae merged into one column that level assignment cannot split (model/README.md);
 * :class:`KindAwareLoss` adds the base loss on the kind logits to the base loss on the
   12 channels, so training learns "vertebra / disc / canal" directly, not only through
   the levels (faster on few labels and few steps).
@@ -73,7 +76,7 @@ def structure_argmax(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return label
 
 
-def decide(logits: torch.Tensor, decision: str = "kind_first", dim: int = 0) -> torch.Tensor:
+def decide(logits: torch.Tensor, decision: str = "argmax", dim: int = 0) -> torch.Tensor:
     """Label values from logits by the plan's ``label_decision``."""
     if decision == "kind_first":
         return structure_argmax(logits, dim)
@@ -86,7 +89,7 @@ class StructureDecisiond(MapTransform):
     """``pred`` logits ``(C, X, Y, Z)`` -> label map ``(X, Y, Z)`` uint8 by the given decision;
     a MetaTensor keeps its affine and metadata (the writer needs them)."""
 
-    def __init__(self, keys="pred", decision: str = "kind_first"):
+    def __init__(self, keys="pred", decision: str = "argmax"):
         super().__init__(keys)
         if decision not in DECISIONS:
             raise ValueError(f"label_decision must be one of {DECISIONS}, got {decision!r}")

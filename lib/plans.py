@@ -57,9 +57,10 @@ class SpinePlan:
     sw_overlap: float = 0.25
     sw_batch_size: int = 1
     # --- post-processing -----------------------------------------------------------
-    # kind_first: vertebra/disc/canal/background by their summed probabilities, then the level
-    # (lib/grouping.py); argmax: the plain argmax over the 12 channels
-    label_decision: str = "kind_first"
+    # argmax over the 12 channels; kind_first: vertebra/disc/canal/background by their summed
+    # probabilities, then the level (lib/grouping.py). argmax stays the default: on the starter
+    # recipe's weights kind_first merged the vertebrae into one column (see model/README.md)
+    label_decision: str = "argmax"
     min_island_ml: float = 0.1  # pieces smaller than this are noise
     # --- training ------------------------------------------------------------------
     max_epochs: int = 300

@@ -61,13 +61,14 @@ def test_body_crop_keeps_the_body_and_inverts_to_the_scan_grid(tmp_path):
     assert result.label.shape == data.shape and np.allclose(result.affine, affine)
 
 
-def test_running_mutual_information_equals_the_stacked_computation():
+@pytest.mark.parametrize("decision", ["argmax", "kind_first"])
+def test_running_mutual_information_equals_the_stacked_computation(decision):
     g = torch.Generator().manual_seed(1)
     probs = torch.softmax(torch.randn(4, 12, 6, 5, 7, generator=g) * 3, 1)
-    running = RunningMutualInformation()
+    running = RunningMutualInformation(decision)
     for p in probs:
         running.add(p)
-    assert running.score() == pytest.approx(epistemic_score(probs), rel=1e-5)
+    assert running.score() == pytest.approx(epistemic_score(probs, decision), rel=1e-5)
     same = torch.softmax(torch.randn(1, 12, 6, 5, 7, generator=g), 1).expand(3, -1, -1, -1, -1)
     assert epistemic_score(same) == pytest.approx(0.0, abs=1e-6)  # samples that agree: no epistemic part
 

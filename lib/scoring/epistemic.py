@@ -3,7 +3,7 @@
 For each scan without a ``final`` label, ``plan.mc_samples`` stochastic forward passes
 (dropout on) give softmax maps ``p_s`` of shape ``(12, X, Y, Z)`` in model space. The
 score is the mean mutual information (BALD) ``H[mean_s p_s] - mean_s H[p_s]`` (nats)
-over the voxels any pass calls foreground (kind-first decision, :mod:`lib.grouping`):
+over the voxels any pass calls foreground (by the plan's ``label_decision``):
 high where the passes disagree, i.e. where the model's knowledge is thin, not where the
 image is merely ambiguous.
 
@@ -40,7 +40,7 @@ from monai.transforms import Compose
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from lib.grouping import structure_argmax
+from lib.grouping import decide
 from lib.model_store import model_version, weights_path
 from lib.networks import build_network, enable_mc_dropout, select_device
 from lib.plans import SpinePlan
@@ -60,10 +60,10 @@ def mutual_information(probabilities: torch.Tensor, eps: float = EPS) -> torch.T
     return (entropy_of_mean - mean_entropy).clamp_min(0)
 
 
-def epistemic_score(probabilities: torch.Tensor) -> float:
+def epistemic_score(probabilities: torch.Tensor, decision: str = "argmax") -> float:
     """Mean mutual information over voxels that any sample labels as foreground."""
     mi = mutual_information(probabilities)
-    foreground = (structure_argmax((probabilities + EPS).log(), dim=1) > 0).any(0)
+    foreground = (decide((probabilities + EPS).log(), decision, dim=1) > 0).any(0)
     region = mi[foreground] if foreground.any() else mi.flatten()
     return float(region.mean())
 
@@ -75,7 +75,8 @@ class RunningMutualInformation:
     foregrounds, each the size of one sample, instead of all samples.
     """
 
-    def __init__(self):
+    def __init__(self, decision: str = "argmax"):
+        self.decision = decision  # the label decision that says which voxels are foreground
         self.count = 0
         self.sum_p: Optional[torch.Tensor] = None
         self.sum_entropy: Optional[torch.Tensor] = None
@@ -85,7 +86,7 @@ class RunningMutualInformation:
         """One sample's softmax ``(C, X, Y, Z)``."""
         p = probabilities.float()
         entropy = -(p * (p + EPS).log()).sum(0)
-        foreground = structure_argmax((p + EPS).log(), dim=0) > 0
+        foreground = decide((p + EPS).log(), self.decision, dim=0) > 0
         if self.count == 0:
             self.sum_p, self.sum_entropy, self.foreground = p.clone(), entropy, foreground
         else:
@@ -150,7 +151,7 @@ class EpistemicScorer:
             raise ValueError(f"score_method must be 'full' or 'fast', got {method!r}")
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
-        running = RunningMutualInformation()
+        running = RunningMutualInformation(self.plan.label_decision)
         try:
             with torch.no_grad():
                 for _ in range(samples):
