@@ -502,4 +502,4 @@ def test_restart_lists_the_same_images_and_labels(site):
     after = snapshot(studies)
     assert {k: v for k, v in after.items() if k != "datastore_v2.json"} == \
            {k: v for k, v in files_before.items() if k != "datastore_v2.json"}
-    json.loads(after["datastore_v2.json"])  # complete, parseable
+    json.loads((studies / "datastore_v2.json").read_text())  # complete, parseable
