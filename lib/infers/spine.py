@@ -5,8 +5,9 @@ Stages (one code path for the server, ``SpineSegmenter`` and ``python -m lib.seg
 2. sliding-window SwinUNETR, logits ``(12, X, Y, Z)``;
 3. invert orientation + spacing on the logits (bilinear), so the argmax happens on the
    scan's grid: the label has exactly the input's shape and affine;
-4. post: kind-then-level decision (:mod:`lib.grouping`), clean-up per structure, level assignment; the result JSON carries
-   label names, volumes (mL) and the level-consistency report.
+4. post: the plan's label decision (argmax, or kind first: :mod:`lib.grouping`), clean-up
+   per structure, level assignment; the result JSON carries label names, volumes (mL) and
+   the level-consistency report.
 """
 
 from __future__ import annotations
