@@ -7,8 +7,8 @@ In one process, with the same weights, on the same real scans:
 
 * **stock**: the whole scan resampled to the model spacing, MONAI
   ``sliding_window_inference`` with ROI 96x96x96, overlap 0.25, gaussian blending,
-  sw_batch_size 1, no cropping, logits inverted to the scan grid, then the same label
-  decision as the app (the plan's ``label_decision``);
+  sw_batch_size 1, no cropping, MONAI's own SwinUNETR attention, logits inverted to the
+  scan grid, then the same label decision as the app (the plan's ``label_decision``);
 * **app**: ``SpineSegmenter.segment``, the code path of ``/infer/spine`` end to end (load,
   checks, resample, body crop, sliding window with the plan's ROI, inversion, label decision,
   clean-up, level assignment, NIfTI writing), first cold (model construction included,
@@ -29,9 +29,12 @@ the development scans are cropped, so voxels outside the source's field of view 
 and the SPIDER sample scans of ``sample-data/``.
 
 Scoring: epistemic (MC-dropout) scores of ``--score-scans`` (default: 12 SPIDER development
-scans of ``../shared/data``) computed twice, by the full computation (``mc_samples``
-sliding-window passes over the whole scan) and by the fast one (coarse grid, one fitted
-window), with the cost of each in CPU seconds and the Spearman correlation of the rankings.
+scans of ``../shared/data``), by the reference ``full`` computation (``mc_samples``
+separate sliding-window passes over the body-cropped scan, as MONAI Label's epistemic
+scoring runs them), by the same with other dropout masks (the Monte-Carlo noise: the best
+agreement any cheaper computation can show) and by the ``fast`` one (coarse grid, fitted
+windows, samples batched), with the cost of each in CPU seconds and the Spearman
+correlation of each ranking of the scans with the reference's.
 
 The last line reads ``speedup <stock/app warm, full-FOV scan> agreement <dice>``.
 Without trained weights it uses a freshly initialised network: timings hold, agreement
@@ -41,20 +44,20 @@ and ranking then mean little.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import psutil
 import torch
 
 from lib.grouping import decide
 from lib.labels import NUM_CLASSES
+from lib.measure import MemorySampler
 from lib.model_store import DEFAULT_MODEL_DIR, REPO_ROOT, weights_path
 from lib.networks import build_network
 from lib.plans import SpinePlan
@@ -69,41 +72,17 @@ STOCK_ROI = (96, 96, 96)
 STOCK_OVERLAP = 0.25
 #: steps of the app that can be switched off, as ``--conf`` overrides
 APP_STEPS: Dict[str, Dict[str, str]] = {
+    "app without fused attention": {"fused_attention": "false"},
+    "app with one window per pass": {"sw_batch_size": "1"},
     "app without body crop": {"crop_to_body": "false"},
     "app without body crop, stock 96^3 ROI": {"crop_to_body": "false", "roi_size": "96,96,96"},
 }
 
 
 # --- measurement helpers ------------------------------------------------------------
-class PeakRSS:
-    """Context manager: largest resident set size (MB) of this process while it is open."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval = interval
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._process = psutil.Process()
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2**20)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PeakRSS":
-        self.peak_mb = self._process.memory_info().rss / 2**20
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2**20)
-
-
 def timed(fn: Callable[[], Any]) -> Tuple[Any, float, float]:
     """Run ``fn``: (its result, wall seconds, peak RSS in MB)."""
-    with PeakRSS() as peak:
+    with MemorySampler(os.getpid(), children=False, interval=0.02) as peak:
         start = time.perf_counter()
         result = fn()
         wall = time.perf_counter() - start
@@ -250,7 +229,7 @@ def benchmark_infer(scans: Sequence[Path], model_path: str, conf: Dict[str, str]
             row.setdefault("steps", {})[step] = {"s": wall_v, "peak_mb": peak_v, "agreement_with_app": agreement}
             log(f"{scan.name}: {step} {wall_v:.2f} s (model load included), agreement with app "
                 f"{agreement['mean']:.4f} (canal {agreement['canal']:.4f}, foreground {agreement['foreground']:.4f})")
-        stock_pipeline = StockPipeline(load_network(plan, model_path), plan)
+        stock_pipeline = StockPipeline(load_network(dataclasses.replace(plan, fused_attention=False), model_path), plan)
         stock, wall_s, peak_s = timed(lambda: stock_pipeline(scan))
         _, affine = read_volume(scan)
         stock = postprocess_like_app(stock, affine, plan)
@@ -264,28 +243,44 @@ def benchmark_infer(scans: Sequence[Path], model_path: str, conf: Dict[str, str]
     return results
 
 
+#: the scoring computations compared with the reference (``EpistemicScorer.score`` arguments)
+SCORING_VARIANTS: Dict[str, Dict[str, Any]] = {
+    # the same computation with other dropout masks: how far the Monte-Carlo noise alone moves the ranking
+    "full_other_masks": {"method": "full", "seed": 1},
+    "fast": {"method": "fast"},
+}
+
+
 def benchmark_scoring(scans: Sequence[Path], model_path: str, conf: Dict[str, str], log=print) -> Dict[str, Any]:
+    """Epistemic scores of ``scans`` by the reference (the ``full`` computation: ``mc_samples``
+    separate passes, as MONAI Label computes them) and by each of :data:`SCORING_VARIANTS`:
+    CPU seconds, and the Spearman correlation of each variant's ranking of the scans with
+    the reference's."""
     from scipy.stats import spearmanr
 
     from lib.scoring.epistemic import EpistemicScorer
 
     plan = SpinePlan.from_conf(conf)
     scorer = EpistemicScorer(load_network(plan, model_path), plan, device="cpu")
-    rows = {}
+    rows: Dict[str, Dict[str, float]] = {}
     for scan in scans:
         image = scorer.prepare(str(scan))
-        full, full_s = cpu_timed(lambda: scorer.score(image, method="full"))
-        fast, fast_s = cpu_timed(lambda: scorer.score(image, method="fast"))
-        rows[scan.name] = {"full": full, "full_cpu_s": full_s, "fast": fast, "fast_cpu_s": fast_s}
-        log(f"{scan.name}: full {full:.5f} ({full_s:.1f} CPU s), fast {fast:.5f} ({fast_s:.1f} CPU s), "
-            f"{full_s / fast_s:.1f}x cheaper")
+        row = rows[scan.name] = {}
+        row["reference"], row["reference_cpu_s"] = cpu_timed(lambda: scorer.score(image, method="full"))
+        for name, kwargs in SCORING_VARIANTS.items():
+            row[name], row[f"{name}_cpu_s"] = cpu_timed(lambda k=kwargs: scorer.score(image, **k))
+        log(f"{scan.name} {tuple(image.shape[1:])}: reference {row['reference']:.5f} ({row['reference_cpu_s']:.1f} CPU s), "
+            + ", ".join(f"{n} {row[n]:.5f} ({row[n + '_cpu_s']:.1f} CPU s)" for n in SCORING_VARIANTS))
     names = list(rows)
-    rho = float(spearmanr([rows[n]["full"] for n in names], [rows[n]["fast"] for n in names]).correlation) \
-        if len(names) > 2 else float("nan")
-    cost = sum(rows[n]["full_cpu_s"] for n in names) / max(sum(rows[n]["fast_cpu_s"] for n in names), 1e-9)
-    log(f"scoring: {len(names)} scans, {plan.mc_samples} samples; fast is {cost:.1f}x cheaper than the full "
-        f"computation; Spearman {rho:.3f}")
-    return {"scans": rows, "cost_ratio": cost, "spearman": rho, "samples": plan.mc_samples}
+    summary: Dict[str, Any] = {"scans": rows, "samples": plan.mc_samples}
+    for variant in SCORING_VARIANTS:
+        rho = float(spearmanr([rows[n]["reference"] for n in names], [rows[n][variant] for n in names]).correlation) \
+            if len(names) > 2 else float("nan")
+        cost = sum(rows[n]["reference_cpu_s"] for n in names) / max(sum(rows[n][f"{variant}_cpu_s"] for n in names), 1e-9)
+        summary[variant] = {"cost_ratio": cost, "spearman": rho}
+        log(f"scoring {variant}: {len(names)} scans, {plan.mc_samples} samples; {cost:.1f}x cheaper than "
+            f"{plan.mc_samples} separate full passes; Spearman {rho:.3f}")
+    return summary
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -294,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scans", nargs="*", type=Path, default=None,
                         help="scans besides the full-FOV one (default: sample-data/spider_*.nii.gz)")
-    parser.add_argument("--fov-source", type=Path, default=DEFAULT_FOV_SOURCE,
+    parser.add_argument("--fov-source", default=str(DEFAULT_FOV_SOURCE),
                         help="scan resampled into the full-FOV benchmark scan ('' to skip)")
     parser.add_argument("--score-scans", nargs="*", type=Path, default=None)
     parser.add_argument("--skip-scoring", action="store_true")
@@ -321,10 +316,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     fov = None
     if not args.skip_infer:
         scans: List[Path] = []
-        if str(args.fov_source) and args.fov_source.exists():
-            fov = make_full_fov_scan(args.fov_source, args.out / f"full_fov_{args.fov_source.name.split('.')[0]}.nii.gz")
+        fov_source = Path(args.fov_source) if args.fov_source else None
+        if fov_source is not None and not fov_source.is_file():
+            if args.fov_source != str(DEFAULT_FOV_SOURCE):
+                parser.error(f"--fov-source {fov_source}: no such file")
+            print(f"no full-FOV scan: {fov_source} is missing (the development data of ../shared)")
+            fov_source = None
+        if fov_source is not None:
+            fov = make_full_fov_scan(fov_source, args.out / f"full_fov_{fov_source.name.split('.')[0]}.nii.gz")
             scans.append(fov)
-            print(f"full-FOV scan {fov} from {args.fov_source}: 512x512x15 at 0.6x0.6x4 mm")
+            print(f"full-FOV scan {fov} from {fov_source}: 512x512x15 at 0.6x0.6x4 mm")
         scans += args.scans if args.scans is not None else sorted(SAMPLE_DATA.glob("spider_*.nii.gz"))
         results["infer"] = benchmark_infer(scans, model_path, conf)
     if not args.skip_scoring:

@@ -34,6 +34,8 @@ import numpy as np
 import psutil
 import requests
 
+from lib.measure import MemorySampler
+
 MAX_CLIENTS = 64
 MAX_SECONDS = 3600
 BUSY_STATUSES = ("429", "503")
@@ -117,54 +119,6 @@ def timed(kind: str, call) -> Outcome:
     except requests.RequestException:
         status = "error"
     return Outcome(kind, status, time.perf_counter() - start, retry_after)
-
-
-class MemorySampler:
-    """Resident memory (MB) of a server process and its children, sampled in a thread.
-
-    ``pid`` None: nothing is sampled (the server's process could not be found).
-    """
-
-    def __init__(self, pid: Optional[int], interval: float = 0.2):
-        self.pid, self.interval = pid, interval
-        self.samples: List[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def rss_mb(self) -> Optional[float]:
-        try:
-            process = psutil.Process(self.pid)
-            total = process.memory_info().rss
-            for child in process.children(recursive=True):
-                try:
-                    total += child.memory_info().rss
-                except psutil.Error:
-                    pass  # a child that ended between the listing and the reading
-            return total / 2**20
-        except psutil.Error:
-            return None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if (mb := self.rss_mb()) is not None:
-                self.samples.append(mb)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "MemorySampler":
-        if self.pid is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def report(self) -> Optional[Dict[str, float]]:
-        if not self.samples:
-            return None
-        return {"pid": self.pid, "start_mb": round(self.samples[0], 1), "peak_mb": round(max(self.samples), 1),
-                "end_mb": round(self.samples[-1], 1)}
 
 
 def listening_pid(url: str) -> Optional[int]:
@@ -251,14 +205,12 @@ def run(url: str, clients: int = 8, seconds: float = 60, max_requests: int = 100
     threads = [threading.Thread(target=client, args=(url, model, plan, budget, label_share, timeout, outcomes,
                                                      max_backoff), daemon=True) for _ in range(clients)]
     with MemorySampler(server_pid or listening_pid(url)) as memory:
-        time.sleep(2 * memory.interval)  # a sample before the load
         start = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - start
-        time.sleep(2 * memory.interval)  # and one after it
     return summarise(outcomes, wall), wall, memory.report()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -10,13 +12,15 @@ from monai.transforms import Compose
 
 from lib.benchmark import agreement_report, label_agreement, make_full_fov_scan
 from lib.io import read_volume
-from lib.networks import build_network
+from lib.labels import NUM_CLASSES
+from lib.networks import FusedWindowAttention, build_network, enable_mc_dropout
 from lib.plans import SpinePlan
 from lib.scoring.epistemic import (
     EpistemicScorer,
     RunningMutualInformation,
     epistemic_score,
     fitted_roi,
+    sample_stack,
 )
 from lib.segment import SpineSegmenter
 from lib.transforms import body_mask, infer_pre_transforms
@@ -117,3 +121,68 @@ def test_label_agreement():
     report = agreement_report(a, b)
     assert report["mean"] == label_agreement(a, b)
     assert report["canal"] == 0.0 and report["foreground"] == pytest.approx(2 * 16 / (32 + 17))
+
+
+def test_sample_stack_is_the_dropout_passes_as_one_batch():
+    plan = SpinePlan.from_conf({**TINY, "dropout": "0.3"})
+    network = build_network(plan).eval()
+    windows = torch.randn(2, 1, 32, 32, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stacked = sample_stack(network, 3)(windows)
+        single = network(windows)
+    assert stacked.shape == (2, 3 * NUM_CLASSES, 32, 32, 64)
+    for s in range(3):  # dropout off: every sample of a window is the plain pass of that window
+        assert torch.allclose(stacked[:, s * NUM_CLASSES:(s + 1) * NUM_CLASSES], single, atol=1e-4)
+    with torch.no_grad():
+        stacked = sample_stack(enable_mc_dropout(network), 3)(windows).reshape(2, 3, NUM_CLASSES, 32, 32, 64)
+    assert not torch.allclose(stacked[:, 0], stacked[:, 1])  # dropout on: the samples differ
+
+
+def test_fused_window_attention_gives_monais_result_with_the_same_weights():
+    """Infer-time fused attention: same logits as MONAI's own attention, same state dict;
+    gradients (training) still flow through MONAI's computation."""
+    two_blocks = {**TINY, "depths": "2,2,2,2"}  # the second block of each stage shifts its windows: masks
+    torch.manual_seed(0)
+    stock = build_network(SpinePlan.from_conf({**two_blocks, "fused_attention": "false"})).eval()
+    fused = build_network(SpinePlan.from_conf(two_blocks)).eval()
+    assert any(isinstance(m, FusedWindowAttention) for m in fused.modules())
+    assert not any(isinstance(m, FusedWindowAttention) for m in stock.modules())
+    fused.load_state_dict(stock.state_dict())
+    x = torch.randn(2, 1, 32, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = stock(x), fused(x)
+    assert torch.allclose(expected, got, atol=1e-4)
+    top2 = expected.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3  # a random network has near-ties; rounding may flip those
+    assert torch.equal(expected.argmax(1)[clear], got.argmax(1)[clear])
+    fused.train()
+    fused(x[:1]).sum().backward()  # the training path: MONAI's attention, gradients reach the bias table
+    table = next(m for m in fused.modules() if isinstance(m, FusedWindowAttention)).relative_position_bias_table
+    assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_benchmark_runs_end_to_end_on_real_scans(tmp_path, capsys):
+    """The benchmark's command on small real scans with the tiny network: every pipeline and
+    scoring computation runs, results.json holds them, the last line is the headline.
+    (The full-FOV scan is left out for time; ``test_full_fov_scan_geometry`` covers it.)"""
+    from conftest import reliable_spider_ids, small_scan
+
+    from lib.benchmark import SCORING_VARIANTS, main
+
+    scans = [small_scan(case, tmp_path / "scans")[0] for case in reliable_spider_ids()[:3]]
+    out = tmp_path / "bench"
+    main(["--fov-source", "", "--scans", str(scans[1]), "--score-scans", *map(str, scans),
+          "--out", str(out), "--conf", "preset", "tiny"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    speedup, agreement = lines[-1].split()[1::2]
+    assert lines[-1].startswith("speedup ") and float(speedup) > 0 and 0 <= float(agreement) <= 1
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["infer"]) == [scans[1].name]
+    for row in results["infer"].values():
+        assert row["app_s"] > 0 and row["stock_s"] > 0 and row["app_peak_mb"] > 0
+        assert set(row["steps"]) >= {"app without fused attention", "app with one window per pass"}
+    scoring = results["scoring"]
+    assert len(scoring["scans"]) == 3
+    for variant in SCORING_VARIANTS:
+        assert -1 <= scoring[variant]["spearman"] <= 1 and scoring[variant]["cost_ratio"] > 0
+        assert all(row[variant] > 0 for row in scoring["scans"].values())
