@@ -14,10 +14,10 @@ Two ways to compute it (``--conf score_method full|fast``):
   window layout;
 * ``fast``: the same passes on the scan resampled to the coarser ``score_spacing`` and
   covered by windows fitted to it, without overlap, each window's samples computed as one
-  batch (:func:`sample_stack`): 2.5-9x cheaper by scan, but on the
-  weights we have its ranking of scans does not follow the full computation's (the
-  network sees anatomy at a scale it was not trained on; figures in the README's *Speed*),
-  so it is not the default; ``python -m lib.benchmark`` measures both again for any weights.
+  batch (:func:`sample_stack`): 2.5-9x cheaper by scan, but on the weights we have its
+  ranking of scans does not follow the full computation's (the network sees anatomy at a
+  scale it was not trained on; figures in the README's *Speed*), so it is not the
+  default; ``python -m lib.benchmark`` measures both again for any weights.
 
 (Sampling only the deep Swin stages once the shallow ones are shared was tried and
 dropped: the mutual information comes mostly from the dropout of the shallow stages, and
