@@ -32,9 +32,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from lib.labels import KIND_INDEX, KINDS, NUM_CLASSES
-
-#: the decisions a plan can name (``--conf label_decision``)
-DECISIONS = ("kind_first", "argmax")
+from lib.plans import LABEL_DECISIONS
 
 #: for each kind, the label values of its channels (background: (0,), vertebra: (1..5) ...)
 _KIND_MEMBERS = tuple(tuple(v for v, k in enumerate(KIND_INDEX) if k == kind) for kind in range(len(KINDS)))
@@ -82,7 +80,7 @@ def decide(logits: torch.Tensor, decision: str = "argmax", dim: int = 0) -> torc
         return structure_argmax(logits, dim)
     if decision == "argmax":
         return logits.argmax(dim)
-    raise ValueError(f"label_decision must be one of {DECISIONS}, got {decision!r}")
+    raise ValueError(f"label_decision must be one of {LABEL_DECISIONS}, got {decision!r}")
 
 
 class StructureDecisiond(MapTransform):
@@ -91,8 +89,8 @@ class StructureDecisiond(MapTransform):
 
     def __init__(self, keys="pred", decision: str = "argmax"):
         super().__init__(keys)
-        if decision not in DECISIONS:
-            raise ValueError(f"label_decision must be one of {DECISIONS}, got {decision!r}")
+        if decision not in LABEL_DECISIONS:
+            raise ValueError(f"label_decision must be one of {LABEL_DECISIONS}, got {decision!r}")
         self.decision = decision
 
     def __call__(self, data: Mapping[Hashable, object]):

@@ -16,6 +16,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Tuple
 
+#: the label decisions a plan can name (``label_decision``; computed in lib/grouping.py)
+LABEL_DECISIONS: Tuple[str, ...] = ("kind_first", "argmax")
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     # Real sagittal lumbar MRI on hospital CPUs: 2 mm left-right (clinical sagittal slices are
     # 3-4 mm thick anyway), 1.5 mm in-plane keeps a disc (8-12 mm) at 5-8 voxels. A 32x96x96 ROI
@@ -100,8 +103,8 @@ class SpinePlan:
             raise ValueError(f"sw_overlap must lie in [0, 1), got {self.sw_overlap}")
         if self.score_method not in ("fast", "full"):
             raise ValueError(f"score_method must be fast or full, got {self.score_method!r}")
-        if self.label_decision not in ("kind_first", "argmax"):
-            raise ValueError(f"label_decision must be kind_first or argmax, got {self.label_decision!r}")
+        if self.label_decision not in LABEL_DECISIONS:
+            raise ValueError(f"label_decision must be one of {LABEL_DECISIONS}, got {self.label_decision!r}")
         if self.kind_loss_weight < 0:
             raise ValueError(f"kind_loss_weight must be >= 0, got {self.kind_loss_weight}")
         if self.loss not in ("dice_ce", "dice_focal"):
