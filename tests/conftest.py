@@ -147,11 +147,16 @@ class Server:
         self.log.close()
 
 
+def sha256(data: bytes) -> str:
+    """Digest to compare file contents: a failing assert then prints two short strings, not a diff of MBs."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def snapshot(folder: Path) -> dict:
     """Every file under ``folder`` with the SHA-256 of its bytes: to prove a refused request wrote
     nothing (digests, so that a failing comparison prints short strings, not a diff of MBs)."""
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(folder)): sha256(p.read_bytes())
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != ".lock"
     }

@@ -32,7 +32,7 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from conftest import Server, snapshot
+from conftest import Server, sha256, snapshot
 
 REALM = "spine-test"
 CLIENT_ID = "monailabel-app"
@@ -41,11 +41,6 @@ USER, ANNOTATOR, REVIEWER, ADMIN = "monailabel-user", "monailabel-annotator", "m
 ROLES = {"viewer": [USER], "annotator": [ANNOTATOR, USER], "admin": [ADMIN, REVIEWER, ANNOTATOR, USER]}
 PASSWORDS = {"viewer": "v-pass", "annotator": "a-pass", "admin": "adm-pass"}
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
-
-
-def sha256(data: bytes) -> str:
-    """Digest to compare file contents: a failing assert then prints two short strings, not a diff of MBs."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def new_key() -> rsa.RSAPrivateKey:
