@@ -78,6 +78,7 @@ class SpinePlan:
     warmup_epochs: int = 5
     early_stop_patience: int = 10  # validations without improvement
     loss: str = "dice_ce"  # dice_ce | dice_focal
+    train_seed: int = 0  # seeds a run's initialisation, crops and augmentation: same data, same model
     kind_loss_weight: float = 1.0  # + this x the same loss on the 4 kinds (lib/grouping.py); 0 = off
     class_weights: Tuple[float, ...] = ()  # per class incl. background, empty = uniform
     val_fraction: float = 0.2

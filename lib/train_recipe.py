@@ -18,6 +18,7 @@ Stages:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import time
@@ -89,7 +90,9 @@ def main(argv=None) -> None:
     chunk = sum(1 for _ in open(log)) if log.exists() else 0
     while time.time() < deadline:
         start = time.time()
-        stats = SpineTrainTask(str(model_dir), plan)({"name": "recipe"}, datastore)
+        # each chunk its own seed: a seeded run would otherwise repeat the last chunk's crops
+        chunk_plan = dataclasses.replace(plan, train_seed=plan.train_seed + chunk)
+        stats = SpineTrainTask(str(model_dir), chunk_plan)({"name": "recipe"}, datastore)
         chunk += 1
         serving = json.loads((model_dir / "spine.json").read_text()) if (model_dir / "spine.json").exists() else {}
         entry = {"chunk": chunk, "epochs": args.epochs_per_chunk, "seconds": round(time.time() - start),

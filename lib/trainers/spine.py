@@ -26,6 +26,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss, DiceFocalLoss
 from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import AsDiscreted, Compose, Lambdad
+from monai.utils import set_determinism
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from lib import versions
@@ -175,6 +176,7 @@ class SpineTrainTask(BasicTrainTask):
             raise ValueError("every image with a 'final' label is held out for testing: nothing to train on")
         # every run moves the auto-train counters, also one started by a train request
         record_run_start(self.model_dir, [image_key(r) for r in datalist])
+        set_determinism(seed=self.plan.train_seed)  # a run is reproducible (training runs in its own process)
         self._guard = None
         stats = super().__call__(request, datastore)
         if self._guard is not None:
