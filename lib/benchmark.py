@@ -5,10 +5,12 @@
 
 In one process, with the same weights, on the same real scans:
 
-* **stock**: the whole scan resampled to the model spacing, MONAI
-  ``sliding_window_inference`` with ROI 96x96x96, overlap 0.25, gaussian blending,
-  sw_batch_size 1, no cropping, MONAI's own SwinUNETR attention, logits inverted to the
-  scan grid, then the same label decision as the app (the plan's ``label_decision``);
+* **stock**: what MONAI gives a user out of the box for the plan's network: the whole scan
+  resampled to the model spacing, MONAI ``sliding_window_inference`` over the whole volume
+  (ROI 96x96x96 for the 3D network; the 2.5D network's own window, every sagittal slice x
+  160 x 256 mm, for the 2.5D one), overlap 0.25, gaussian blending, sw_batch_size 1, no
+  cropping, MONAI's own SwinUNETR attention, logits inverted to the scan grid, then the same
+  label decision as the app (the plan's ``label_decision``);
 * **app**: ``SpineSegmenter.segment``, the code path of ``/infer/spine`` end to end (load,
   checks, resample, body crop, sliding window with the plan's ROI, inversion, label decision,
   clean-up, level assignment, NIfTI writing), first cold (model construction included,
@@ -59,7 +61,7 @@ from lib.grouping import decide
 from lib.labels import NUM_CLASSES
 from lib.measure import MemorySampler
 from lib.model_store import DEFAULT_MODEL_DIR, REPO_ROOT, weights_path
-from lib.networks import build_network
+from lib.networks import build_network, load_network
 from lib.plans import SpinePlan
 
 SAMPLE_DATA = REPO_ROOT / "sample-data"
@@ -67,16 +69,28 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_FOV_SOURCE = SHARED_DATA / "images" / "fcs_IVD_11.nii.gz"
 WORK_DIR = REPO_ROOT / "work" / "benchmark"
 
-#: the stock pipeline's window, fixed by definition (not the plan's)
-STOCK_ROI = (96, 96, 96)
+#: the stock pipeline's window for the 3D network, fixed by definition (not the plan's)
+STOCK_ROI_3D = (96, 96, 96)
 STOCK_OVERLAP = 0.25
 #: steps of the app that can be switched off, as ``--conf`` overrides
 APP_STEPS: Dict[str, Dict[str, str]] = {
     "app without fused attention": {"fused_attention": "false"},
     "app with one window per pass": {"sw_batch_size": "1"},
     "app without body crop": {"crop_to_body": "false"},
+}
+#: ... and for the 3D network only
+APP_STEPS_3D: Dict[str, Dict[str, str]] = {
     "app without body crop, stock 96^3 ROI": {"crop_to_body": "false", "roi_size": "96,96,96"},
 }
+
+
+def stock_roi(plan: SpinePlan) -> Tuple[int, ...]:
+    """The stock pipeline's window: 96^3 for the 3D network; the 2.5D network's own window."""
+    return STOCK_ROI_3D if plan.network_mode == "3d" else tuple(plan.roi_size)
+
+
+def app_steps(plan: SpinePlan) -> Dict[str, Dict[str, str]]:
+    return {**APP_STEPS, **(APP_STEPS_3D if plan.network_mode == "3d" else {})}
 
 
 # --- measurement helpers ------------------------------------------------------------
@@ -160,15 +174,9 @@ def default_score_scans() -> List[Path]:
 
 
 # --- pipelines ------------------------------------------------------------------------
-def load_network(plan: SpinePlan, model_path: str) -> torch.nn.Module:
-    network = build_network(plan)
-    checkpoint = torch.load(model_path, map_location="cpu")
-    network.load_state_dict(checkpoint.get("model", checkpoint))
-    return network.eval()
-
-
 class StockPipeline:
-    """Resample everything, 96^3 sliding window over the whole scan, invert, the plan's label decision."""
+    """Resample everything, the stock window (:func:`stock_roi`) over the whole scan, invert, the plan's
+    label decision."""
 
     def __init__(self, network: torch.nn.Module, plan: SpinePlan):
         from monai.transforms import Compose
@@ -185,7 +193,7 @@ class StockPipeline:
         data = self.pre({"image": str(scan)})
         with torch.no_grad():
             logits = sliding_window_inference(
-                data["image"][None], STOCK_ROI, 1, self.network, overlap=STOCK_OVERLAP, mode="gaussian"
+                data["image"][None], stock_roi(self.plan), 1, self.network, overlap=STOCK_OVERLAP, mode="gaussian"
             )[0]
         data["pred"] = logits
         data = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=False)(data)
@@ -223,7 +231,7 @@ def benchmark_infer(scans: Sequence[Path], model_path: str, conf: Dict[str, str]
         stages = ", ".join(f"{k} {v:.2f}" for k, v in row["app_stages_s"].items() if isinstance(v, float))
         log(f"{scan.name}: app warm {wall:.2f} s ({stages}; peak RSS {peak:.0f} MB)"
             + (f"; cold {row['app_cold_s']:.2f} s" if "app_cold_s" in row else ""))
-        for step, overrides in APP_STEPS.items():
+        for step, overrides in app_steps(plan).items():
             other, wall_v, peak_v = timed(lambda o=overrides: SpineSegmenter(model_path, {**conf, **o}, "cpu").segment(scan))
             agreement = agreement_report(other.label, app.label)
             row.setdefault("steps", {})[step] = {"s": wall_v, "peak_mb": peak_v, "agreement_with_app": agreement}

@@ -45,3 +45,9 @@ class TooLarge(SpineError):
     """An upload over ``max_upload_mb``."""
 
     status = 413
+
+
+class PlanMismatch(SpineError):
+    """Weights built for another plan (network mode, width, spacing ...) than the server's."""
+
+    status = 409

@@ -110,3 +110,26 @@ def stored_version(model_dir: str, sha: str) -> str | None:
         except (OSError, ValueError, AttributeError):
             continue
     return None
+
+
+def recorded_plan(weights: str) -> dict:
+    """The plan recorded with ``weights``: in the record next to them (``spine.json``) when it
+    describes these weights, else in the metrics of the stored version with the same content;
+    ``{}`` when none is recorded."""
+    try:
+        sha = file_sha256(weights)
+    except OSError:
+        return {}
+    candidates = [record_path(weights), os.path.join(os.path.dirname(weights), VERSION_METRICS)]
+    stored = stored_version(os.path.dirname(weights), sha)
+    if stored:
+        candidates.append(os.path.join(versions_dir(os.path.dirname(weights)), stored, VERSION_METRICS))
+    for path in candidates:
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("sha256") == sha and isinstance(record.get("plan"), dict):
+            return record["plan"]
+    return {}

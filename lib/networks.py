@@ -1,7 +1,16 @@
 """Network factory: the SwinUNETR that every stage (infer, train, scoring) builds from the plan.
 
-Input  ``(B, 1, X, Y, Z)`` float32, normalised MR intensities, spatial dims multiples of 32.
+Input  ``(B, 1, X, Y, Z)`` float32, normalised MR intensities in RAS (X = right->left,
+so every ``x`` index is one sagittal slice).
 Output ``(B, NUM_CLASSES, X, Y, Z)`` logits (background + 11 structures).
+
+Two network modes (``plan.network_mode``), one interface, so that transforms, sliding
+window, inversion and post-processing are one code path for both:
+
+- ``2.5d`` (default): :class:`SagittalSlabNetwork`, a 2D SwinUNETR applied to every
+  sagittal slice with its ``slab_size - 1`` neighbours as extra channels; Y and Z must be
+  multiples of 32, X is any number of slices.
+- ``3d``: MONAI's 3D SwinUNETR; every spatial dim a multiple of 32.
 """
 
 from __future__ import annotations
@@ -11,7 +20,9 @@ import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import WindowAttention
 
+from lib.errors import PlanMismatch
 from lib.labels import NUM_CLASSES
+from lib.model_store import recorded_plan
 from lib.plans import SpinePlan
 
 
@@ -49,21 +60,64 @@ class FusedWindowAttention(WindowAttention):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
 
+class SagittalSlabNetwork(torch.nn.Module):
+    """A 2D network run over the sagittal slices of 3D windows (2.5D segmentation).
+
+    ``forward``: ``(B, 1, X, Y, Z)`` -> ``(B, C, X, Y, Z)``. Slice ``x`` is segmented from the
+    slab ``x - k .. x + k`` (``k = slab_size // 2``) stacked as channels; at the window's
+    left/right edges the edge slice is repeated. Slices go through the 2D network
+    ``slice_batch`` at a time, which bounds memory on wide windows.
+
+    ``forward_slabs``: ``(N, slab_size, Y, Z)`` -> ``(N, C, Y, Z)``, the 2D network itself
+    (the training recipe feeds it batches of slabs from many scans).
+    """
+
+    def __init__(self, net2d: torch.nn.Module, slab_size: int, slice_batch: int = 16):
+        super().__init__()
+        if slab_size < 1 or slab_size % 2 == 0:
+            raise ValueError(f"slab_size must be odd and positive, got {slab_size}")
+        self.net2d = net2d
+        self.slab_size = slab_size
+        self.slice_batch = max(1, slice_batch)
+
+    def forward_slabs(self, slabs: torch.Tensor) -> torch.Tensor:
+        return self.net2d(slabs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise ValueError(f"expected (B, 1, X, Y, Z), got {tuple(x.shape)}")
+        b, _, nx, ny, nz = x.shape
+        k = self.slab_size // 2
+        # (B, X, Y, Z) as a plain tensor: a MetaTensor batch cannot be sliced into slices
+        volume = x.as_subclass(torch.Tensor)[:, 0]
+        if k:
+            volume = torch.cat([volume[:, :1].expand(b, k, ny, nz), volume, volume[:, -1:].expand(b, k, ny, nz)], 1)
+        # (B, X, slab, Y, Z) -> (B * X, slab, Y, Z): slice x of item i is row i * X + x
+        slabs = volume.unfold(1, self.slab_size, 1).permute(0, 1, 4, 2, 3).reshape(b * nx, self.slab_size, ny, nz)
+        out = torch.cat([self.forward_slabs(slabs[s:s + self.slice_batch])
+                         for s in range(0, slabs.shape[0], self.slice_batch)])
+        return out.reshape(b, nx, -1, ny, nz).transpose(1, 2)
+
+
 def build_network(plan: SpinePlan) -> torch.nn.Module:
-    """A freshly initialised SwinUNETR (no pretrained weights: nothing is downloaded).
+    """A freshly initialised network of the plan's mode (no pretrained weights: nothing is
+    downloaded): :class:`SagittalSlabNetwork` around a 2D SwinUNETR, or a 3D SwinUNETR.
 
     With ``plan.fused_attention`` its window attention is :class:`FusedWindowAttention`
     (same weights, state dicts interchangeable).
     """
+    slab = plan.network_mode == "2.5d"
     network = SwinUNETR(
-        in_channels=1,
+        in_channels=plan.slab_size if slab else 1,
         out_channels=NUM_CLASSES,
         feature_size=plan.feature_size,
         depths=tuple(plan.depths),
         drop_rate=plan.dropout,
-        spatial_dims=3,
+        spatial_dims=2 if slab else 3,
         use_checkpoint=False,
     )
+    if slab:
+        network = SagittalSlabNetwork(network, plan.slab_size, plan.slice_batch_size)
     if plan.fused_attention:
         for module in network.modules():
             if type(module) is WindowAttention:
@@ -71,11 +125,57 @@ def build_network(plan: SpinePlan) -> torch.nn.Module:
     return network
 
 
+def check_plan(weights: str, plan: SpinePlan) -> None:
+    """Refuse weights whose record names another network than ``plan`` builds.
+
+    The record is the JSON next to the weights (``spine.json``) or the stored version's
+    metrics (:func:`lib.model_store.recorded_plan`); weights without a recorded plan are
+    judged by a strict load in :func:`load_weights`.
+    """
+    recorded = recorded_plan(weights)
+    if not recorded:
+        return
+    wanted = plan.network_signature()
+    differing = {k: (recorded.get(k), v) for k, v in wanted.items()
+                 if k in recorded and _comparable(recorded[k]) != _comparable(v)}
+    if differing:
+        fields = "; ".join(f"{k}: weights {a!r}, server {b!r}" for k, (a, b) in differing.items())
+        raise PlanMismatch(
+            f"the weights {weights} were built for another plan ({fields}): start the server with the "
+            f"matching --conf values, or point --conf model_dir at weights built for this plan")
+
+
+def _comparable(value):
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def load_weights(network: torch.nn.Module, weights: str, plan: SpinePlan,
+                 device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Load a state dict (or ``{"model": state dict}``) strictly into ``network``, after
+    :func:`check_plan`; a file that does not fit the network raises :class:`PlanMismatch`
+    with the reason instead of loading partly."""
+    check_plan(weights, plan)
+    checkpoint = torch.load(weights, map_location=device)
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise PlanMismatch(f"the weights {weights} do not fit the {plan.network_mode} network of this plan "
+                           f"({' '.join(first[:2])[:300]}...): they were built for another plan") from None
+    return network
+
+
+def load_network(plan: SpinePlan, weights: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The plan's network with ``weights`` loaded (:func:`load_weights`), in eval mode."""
+    return load_weights(build_network(plan).to(device), weights, plan, device).eval()
+
+
 def enable_mc_dropout(network: torch.nn.Module) -> torch.nn.Module:
     """Eval mode everywhere except dropout layers, which stay stochastic (Monte-Carlo dropout)."""
     network.eval()
     for module in network.modules():
-        if isinstance(module, torch.nn.Dropout | torch.nn.Dropout3d):
+        if isinstance(module, torch.nn.Dropout | torch.nn.Dropout2d | torch.nn.Dropout3d):
             module.train()
     return network
 

@@ -18,24 +18,34 @@ from typing import Any, Dict, Mapping, Tuple
 
 #: the label decisions a plan can name (``label_decision``; computed in lib/grouping.py)
 LABEL_DECISIONS: Tuple[str, ...] = ("kind_first", "argmax")
+#: the network modes a plan can name (``network_mode``; built in lib/networks.py)
+NETWORK_MODES: Tuple[str, ...] = ("2.5d", "3d")
 
 PRESETS: Dict[str, Dict[str, Any]] = {
-    # Real sagittal lumbar MRI on hospital CPUs: 2 mm left-right (clinical sagittal slices are
-    # 3-4 mm thick anyway), 1.5 mm in-plane keeps a disc (8-12 mm) at 5-8 voxels. A 32x96x96 ROI
-    # = 64x144x144 mm holds about three vertebrae with their discs and posterior elements.
+    # Real sagittal lumbar MRI on hospital CPUs, 2.5D: a 2D SwinUNETR on each sagittal slice
+    # with its two neighbours. 2 mm left-right (clinical sagittal slices are 3-4 mm thick
+    # anyway); 1 mm in-plane in windows of 160 x 256 mm (AP x SI): the whole lumbar spine
+    # with the sacrum in one view, so the network sees which level it is looking at.
     "default": {},
+    # The 3D network for GPU sites: a 32x96x96 ROI = 64x144x144 mm holds about three
+    # vertebrae with their discs; 1.5 mm in-plane keeps a disc (8-12 mm) at 5-8 voxels.
+    "3d": {
+        "network_mode": "3d",
+        "target_spacing": (2.0, 1.5, 1.5),
+        "roi_size": (32, 96, 96),
+    },
     # Seconds per epoch on a 2-core CPU: used by the test-suite.
     "tiny": {
         "feature_size": 12,
         "depths": (1, 1, 1, 1),
         "target_spacing": (4.0, 4.0, 4.0),
-        "roi_size": (32, 64, 64),
+        "roi_size": (-1, 64, 64),
+        "train_slices": 4,
         "max_epochs": 1,
         "val_interval": 1,
         "num_samples": 1,
         "mc_samples": 2,
         "train_batch_size": 1,
-        "cache_rate": 1.0,
         "min_island_ml": 0.0,
     },
 }
@@ -44,7 +54,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 @dataclass(frozen=True)
 class SpinePlan:
     # --- preprocessing -------------------------------------------------------------
-    target_spacing: Tuple[float, float, float] = (2.0, 1.5, 1.5)  # mm, RAS
+    target_spacing: Tuple[float, float, float] = (2.0, 1.0, 1.0)  # mm, RAS
     intensity_percentiles: Tuple[float, float] = (0.5, 99.5)  # MR has no absolute scale: robust min/max
     # Infer and scoring skip the air around the body: a full field of view is mostly air or
     # soft tissue far from the spine, and every 96-voxel window saved is about a second on a CPU.
@@ -52,12 +62,17 @@ class SpinePlan:
     body_threshold: float = 0.05  # normalised intensity (0..1) above which a smoothed voxel is body
     body_margin: int = 4  # voxels kept around the body's bounding box
     # --- network (SwinUNETR) -------------------------------------------------------
+    network_mode: str = "2.5d"  # 2.5d: 2D network over sagittal slabs | 3d (lib/networks.py)
+    slab_size: int = 3  # 2.5d: sagittal slices a slice is segmented from (itself + neighbours), odd
+    slice_batch_size: int = 16  # 2.5d: slices per pass of the 2D network (bounds memory)
     feature_size: int = 12  # must be a multiple of 12; 12 keeps CPU training and infer fast
     depths: Tuple[int, int, int, int] = (2, 2, 2, 2)
     dropout: float = 0.1  # also drives MC-dropout epistemic scoring
     fused_attention: bool = True  # PyTorch's fused attention kernel outside training (lib/networks.py)
     # --- sliding-window inference --------------------------------------------------
-    roi_size: Tuple[int, int, int] = (32, 96, 96)  # voxels, each a multiple of 32
+    # voxels; 3d: each a multiple of 32; 2.5d: Y and Z multiples of 32, X = -1 (every slice
+    # in one window: a slice is computed once, and only the scan's own edges lack a neighbour)
+    roi_size: Tuple[int, int, int] = (-1, 160, 256)
     sw_overlap: float = 0.25
     # windows per forward pass; 2+ also puts PyTorch's CPU 3D convolutions on oneDNN (a single
     # small window takes a slower fallback kernel): 15-20 % less time per window on 2 cores
@@ -73,6 +88,7 @@ class SpinePlan:
     val_interval: int = 5
     train_batch_size: int = 2
     num_samples: int = 2  # random crops per image per iteration
+    train_slices: int = 8  # 2.5d: sagittal slices of a training crop (its X extent)
     learning_rate: float = 2e-4
     weight_decay: float = 1e-5
     warmup_epochs: int = 5
@@ -82,7 +98,6 @@ class SpinePlan:
     kind_loss_weight: float = 1.0  # + this x the same loss on the 4 kinds (lib/grouping.py); 0 = off
     class_weights: Tuple[float, ...] = ()  # per class incl. background, empty = uniform
     val_fraction: float = 0.2
-    cache_rate: float = 1.0
     # --- active learning -----------------------------------------------------------
     mc_samples: int = 5
     score_method: str = "full"  # full | fast (see lib/scoring/epistemic.py)
@@ -94,10 +109,22 @@ class SpinePlan:
     def __post_init__(self):
         if self.feature_size % 12:
             raise ValueError(f"feature_size must be a multiple of 12, got {self.feature_size}")
-        if any(r % 32 for r in self.roi_size):
-            raise ValueError(f"every roi_size entry must be a multiple of 32 (SwinUNETR), got {self.roi_size}")
-        if all(r == 32 for r in self.roi_size):
-            raise ValueError("roi_size 32x32x32 leaves SwinUNETR's bottleneck a single voxel: make one side 64+")
+        if self.network_mode not in NETWORK_MODES:
+            raise ValueError(f"network_mode must be one of {NETWORK_MODES}, got {self.network_mode!r}")
+        if self.network_mode == "3d":
+            if any(r <= 0 or r % 32 for r in self.roi_size):
+                raise ValueError(f"every roi_size entry must be a multiple of 32 (3D SwinUNETR), got {self.roi_size}")
+            if all(r == 32 for r in self.roi_size):
+                raise ValueError("roi_size 32x32x32 leaves SwinUNETR's bottleneck a single voxel: make one side 64+")
+        else:
+            if any(r <= 0 or r % 32 for r in self.roi_size[1:]):
+                raise ValueError(f"roi_size Y and Z must be multiples of 32 (2D SwinUNETR), got {self.roi_size}")
+            if self.roi_size[0] == 0 or self.roi_size[0] < -1:
+                raise ValueError(f"roi_size X is a slice count, or -1 for every slice; got {self.roi_size}")
+            if self.slab_size < 1 or self.slab_size % 2 == 0:
+                raise ValueError(f"slab_size must be odd and positive, got {self.slab_size}")
+            if self.train_slices < 1:
+                raise ValueError(f"train_slices must be positive, got {self.train_slices}")
         if any(s <= 0 for s in self.target_spacing):
             raise ValueError(f"target_spacing must be positive, got {self.target_spacing}")
         if not 0 <= self.sw_overlap < 1:
@@ -133,6 +160,20 @@ class SpinePlan:
             else:
                 extra[key] = raw
         return cls(preset=preset, extra=extra, **values)
+
+    @property
+    def train_roi_size(self) -> Tuple[int, int, int]:
+        """Voxels of a training crop: the ROI, with ``train_slices`` slices in 2.5d mode."""
+        if self.network_mode == "2.5d":
+            return (self.train_slices, self.roi_size[1], self.roi_size[2])
+        return tuple(self.roi_size)
+
+    def network_signature(self) -> Dict[str, Any]:
+        """The fields that shape the weights and what they mean: weights built under one
+        signature are refused by a plan of another (:func:`lib.model_store.check_plan`)."""
+        keys = ("network_mode", "slab_size", "feature_size", "depths", "target_spacing", "intensity_percentiles")
+        d = self.to_dict()
+        return {k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in keys}
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -90,22 +90,31 @@ class ValidateScand(MapTransform):
 
 
 class ValidateLabeld(MapTransform):
-    """Check a reference label map: values must be 0..11 (255 = ignore is mapped to 0)."""
+    """Check a reference label map: values must be 0..11, or 255 = ignore, which is mapped to 0
+    unless ``keep_ignore`` (losses and metrics that exclude those voxels keep it)."""
+
+    def __init__(self, keys: KeysCollection, keep_ignore: bool = False):
+        super().__init__(keys)
+        self.keep_ignore = keep_ignore
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             label = d[key]
-            label[label == IGNORE_VALUE] = 0  # in place: keeps the MetaTensor's affine
-            values = torch.unique(torch.as_tensor(label))
+            if not self.keep_ignore:
+                label[label == IGNORE_VALUE] = 0  # in place: keeps the MetaTensor's affine
+            values = torch.unique(torch.as_tensor(label)[torch.as_tensor(label) != IGNORE_VALUE])
             bad = [float(v) for v in values if v < 0 or v >= NUM_CLASSES or v != torch.round(v)]
             if bad:
                 raise InvalidInput(f"{key}: label values {bad} are outside 0..{NUM_CLASSES - 1}")
         return d
 
 
-def load_and_resample(keys: List[str], plan: SpinePlan, label_key: str | None = None) -> List[Any]:
-    """Load, check, reorient to RAS, resample to the plan's spacing, normalise intensities."""
+def load_and_resample(keys: List[str], plan: SpinePlan, label_key: str | None = None,
+                      keep_ignore: bool = False) -> List[Any]:
+    """Load, check, reorient to RAS, resample to the plan's spacing, normalise intensities.
+
+    ``keep_ignore``: the label keeps its 255 (= ignore) voxels instead of making them background."""
     modes = ["nearest" if k == label_key else "bilinear" for k in keys]
     chain: List[Any] = [
         LoadScand(keys=keys),
@@ -113,7 +122,7 @@ def load_and_resample(keys: List[str], plan: SpinePlan, label_key: str | None = 
         ValidateScand(keys="image"),
     ]
     if label_key:
-        chain.append(ValidateLabeld(keys=label_key))
+        chain.append(ValidateLabeld(keys=label_key, keep_ignore=keep_ignore))
     chain += [
         Orientationd(keys=keys, axcodes=MODEL_AXCODES, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=keys, pixdim=plan.target_spacing, mode=modes),
@@ -175,11 +184,11 @@ def train_pre_transforms(plan: SpinePlan) -> List[Any]:
     """
     keys = ["image", "label"]
     return load_and_resample(keys, plan, label_key="label") + [
-        SpatialPadd(keys=keys, spatial_size=plan.roi_size),
+        SpatialPadd(keys=keys, spatial_size=plan.train_roi_size),
         RandCropByPosNegLabeld(
             keys=keys,
             label_key="label",
-            spatial_size=plan.roi_size,
+            spatial_size=plan.train_roi_size,
             pos=2,
             neg=1,
             num_samples=plan.num_samples,
@@ -204,9 +213,9 @@ def train_pre_transforms(plan: SpinePlan) -> List[Any]:
     ]
 
 
-def val_pre_transforms(plan: SpinePlan) -> List[Any]:
-    """Whole validation volumes (sliding-window inference follows)."""
-    return load_and_resample(["image", "label"], plan, label_key="label")
+def val_pre_transforms(plan: SpinePlan, keep_ignore: bool = False) -> List[Any]:
+    """Whole validation volumes (sliding-window inference follows); ``keep_ignore`` keeps 255."""
+    return load_and_resample(["image", "label"], plan, label_key="label", keep_ignore=keep_ignore)
 
 
 def discrete_post_transforms(plan: SpinePlan) -> List[Any]:

@@ -126,8 +126,12 @@ def serving_record(model_dir: str) -> Dict[str, Any]:
             "validation_ids": None}
 
 
-def register(model_dir: str, weights: str, metrics: Dict[str, Any], when: Optional[float] = None) -> Dict[str, Any]:
+def register(model_dir: str, weights: str, metrics: Dict[str, Any], when: Optional[float] = None,
+             version: Optional[str] = None) -> Dict[str, Any]:
     """Store ``weights`` as a new version with ``metrics``; returns the stored metrics.
+
+    ``version``: the id the weights already carry (a shipped record names it); by default
+    a new one from ``when`` and the weights' sha256.
 
     The weights are copied first and ``metrics.json`` written last: a folder without
     metrics is a registration that was cut short, and is not listed.
@@ -137,7 +141,8 @@ def register(model_dir: str, weights: str, metrics: Dict[str, Any], when: Option
     known = stored_version(model_dir, sha)
     if known:  # the same weights are a version already
         return load_version(model_dir, known)
-    version = version_id(sha, when)
+    if not (version and VERSION_PATTERN.fullmatch(version) and version.endswith(sha[:8])):
+        version = version_id(sha, when)
     folder = version_dir(model_dir, version)
     os.makedirs(folder, exist_ok=True)
     atomic_copy(weights, os.path.join(folder, VERSION_WEIGHTS))
@@ -159,13 +164,48 @@ def register_serving(model_dir: str) -> Dict[str, Any]:
     except UnknownVersion:
         pass
     stat = os.stat(weights)
+    plan = {"plan": record["plan"]} if isinstance(record.get("plan"), dict) else {}
     metrics = register(model_dir, weights, {"source": "imported", "promoted": True,
                                             "decision": "serving weights found in model_dir, registered as a version",
-                                            **{k: record.get(k) for k in MEASUREMENT_KEYS}}, when=stat.st_mtime)
+                                            **{k: record.get(k) for k in MEASUREMENT_KEYS}, **plan},
+                       when=stat.st_mtime, version=None if record.get("how") == "unregistered" else version)
     if record.get("how") == "unregistered":  # the record now names the registered version
         _write_json(record_path(weights), {**record, "version": metrics["version"], "how": "imported",
                                            "since": _now_iso()})
     add_event(model_dir, "imported", metrics["version"], reason=metrics["decision"])
+    return metrics
+
+
+def install_starter(model_dir: str, plan: Any, enabled: bool = True) -> Optional[Dict[str, Any]]:
+    """Serve the shipped starter model (``model/spine.pt``) in an empty ``model_dir``.
+
+    A site that keeps its models elsewhere (``--conf model_dir DIR``) starts from the starter
+    weights, so its first training fine-tunes them and the promotion gate measures them on
+    the site's validation images. Nothing happens when ``enabled`` is false (``--conf
+    starter_model false``: start from scratch), when ``model_dir`` already has weights or is
+    the shipped folder itself, or when the starter was built for another plan (a test preset,
+    the 3D mode). Returns the starter's version metrics when it was installed.
+    """
+    from lib.errors import PlanMismatch
+    from lib.networks import check_plan
+
+    starter = weights_path(str(DEFAULT_MODEL_DIR))
+    weights = weights_path(model_dir)
+    if (not enabled or not os.path.exists(starter) or os.path.exists(weights)
+            or os.path.realpath(model_dir) == os.path.realpath(str(DEFAULT_MODEL_DIR))):
+        return None
+    try:
+        check_plan(starter, plan)
+    except PlanMismatch as e:
+        logger.info(f"Starter model not installed: {e}")
+        return None
+    with lock(model_dir):
+        if os.path.exists(weights):
+            return None
+        atomic_copy(record_path(starter), record_path(weights))  # the record first: it names these weights
+        atomic_copy(starter, weights)
+        metrics = register_serving(model_dir)
+    logger.info(f"Starter model {metrics['version']} serves in {model_dir} (fine-tuned by the first training)")
     return metrics
 
 
@@ -228,7 +268,7 @@ def serve(model_dir: str, version: str, how: str, reason: str, by: str = "") -> 
     weights = weights_path(model_dir)
     atomic_copy(source, weights)  # infer never reads half a file
     record = {"version": version, "sha256": metrics["sha256"], "how": how, "reason": reason, "since": _now_iso(),
-              **latest_measurement(metrics)}
+              **latest_measurement(metrics), **({"plan": metrics["plan"]} if metrics.get("plan") else {})}
     _write_json(record_path(weights), record)
     add_event(model_dir, how, version, previous=previous, reason=reason, by=by)
     logger.info(f"Model version {version} serves ({how}: {reason}); before: {previous}")

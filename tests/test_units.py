@@ -34,7 +34,7 @@ def test_plan_presets_and_overrides():
     assert plan.roi_size == (64, 64, 32) and plan.target_spacing == (1.5, 1.0, 1.0) and plan.sw_overlap == 0.5
     assert plan.extra == {"model_dir": "/x"}
     with pytest.raises(ValueError, match="multiple of 32"):
-        SpinePlan.from_conf({"roi_size": "30,64,64"})
+        SpinePlan.from_conf({"preset": "3d", "roi_size": "30,64,64"})
     with pytest.raises(ValueError, match="unknown preset"):
         SpinePlan.from_conf({"preset": "huge"})
 

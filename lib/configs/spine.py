@@ -16,6 +16,7 @@ from lib.model_store import weights_path
 from lib.networks import build_network
 from lib.plans import SpinePlan
 from lib.scoring.epistemic import EpistemicScoring
+from lib.versions import install_starter
 from lib.trainers.spine import SpineTrainTask
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class SpineConfig(TaskConfig):
         self.labels = LABELS
         self.label_colors = COLORS
         self.path = weights_path(model_dir)
+        install_starter(model_dir, self.plan, enabled=str(conf.get("starter_model", "true")).lower() != "false")
         self.network = build_network(self.plan)
         logger.info(f"Model '{name}': plan {self.plan.to_dict()}; weights {self.path}")
 

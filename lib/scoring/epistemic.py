@@ -43,7 +43,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from lib.grouping import decide
 from lib.model_store import model_version, weights_path
-from lib.networks import build_network, enable_mc_dropout, select_device
+from lib.networks import enable_mc_dropout, load_network, select_device
 from lib.plans import SpinePlan
 from lib.transforms import infer_pre_transforms
 
@@ -109,9 +109,10 @@ def fitted_roi(shape: Tuple[int, ...], max_roi: Tuple[int, ...], multiple: int =
     """Smallest window of multiples of ``multiple`` voxels covering ``shape``, at most ``max_roi``.
 
     One side stays at least ``2 * multiple``: SwinUNETR's bottleneck needs more than one voxel.
+    A ``max_roi`` entry of -1 (the 2.5D network's slice axis: every slice) stays -1.
     """
-    roi = [min(r, multiple * max(1, math.ceil(s / multiple))) for s, r in zip(shape, max_roi)]
-    if all(r == multiple for r in roi):
+    roi = [r if r <= 0 else min(r, multiple * max(1, math.ceil(s / multiple))) for s, r in zip(shape, max_roi)]
+    if all(r in (multiple, -1) for r in roi):
         longest = max(range(len(roi)), key=lambda i: (max_roi[i] > multiple, shape[i]))
         roi[longest] = min(max_roi[longest], 2 * multiple)
     return tuple(roi)
@@ -212,9 +213,7 @@ class EpistemicScoring(ScoringMethod):
             return {"scored": 0, "model_version": version}
 
         device = select_device(request.get("device"))
-        network = build_network(self.plan)
-        checkpoint = torch.load(path, map_location="cpu")
-        network.load_state_dict(checkpoint.get("model", checkpoint))
+        network = load_network(self.plan, path)
         scorer = EpistemicScorer(network, self.plan, device)
         scored = {}
         for image_id in todo:

@@ -32,9 +32,9 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from lib import versions
 from lib.autotrain import record_run_start
 from lib.grouping import KindAwareLoss, decide
-from lib.labels import BACKGROUND, LABELS, NAMES, NUM_CLASSES
+from lib.labels import BACKGROUND, IGNORE_VALUE, LABELS, NAMES, NUM_CLASSES
 from lib.model_store import file_sha256, model_version, runs_dir, weights_path
-from lib.networks import build_network
+from lib.networks import build_network, check_plan, load_network
 from lib.plans import SpinePlan
 from lib import splits
 from lib.splits import split_path, test_ids, update_split
@@ -142,7 +142,8 @@ class SpineTrainTask(BasicTrainTask):
 
     def val_inferer(self, context: Context):
         return SlidingWindowInferer(
-            roi_size=self.plan.roi_size, sw_batch_size=self.plan.sw_batch_size, overlap=self.plan.sw_overlap
+            roi_size=self.plan.roi_size, sw_batch_size=self.plan.sw_batch_size, overlap=self.plan.sw_overlap,
+            mode="gaussian",
         )
 
     def train_key_metric(self, context: Context):
@@ -153,7 +154,10 @@ class SpineTrainTask(BasicTrainTask):
 
     def load_path(self, output_dir, pretrained=True):
         # fine-tune from what is serving now; from scratch when nothing is (bootstrap)
-        return self._load_path if pretrained and os.path.exists(self._load_path) else None
+        if not (pretrained and os.path.exists(self._load_path)):
+            return None
+        check_plan(self._load_path, self.plan)  # never fine-tune weights of another network
+        return self._load_path
 
     def finalize(self, context: Context):
         super().finalize(context)
@@ -206,20 +210,21 @@ def measure(weights: str, records: Sequence[Dict[str, Any]], plan: SpinePlan, de
     equal terms: the validation transforms, sliding-window inference, the plan's label decision, Dice per
     structure in model space. A structure's Dice is its mean over the images that contain
     it (in the reference or the prediction); the mean Dice is the mean over structures.
+    Reference voxels of 255 (ignore) count for neither the reference nor the prediction.
     """
-    network = build_network(plan).to(device)
-    checkpoint = torch.load(weights, map_location=device)
-    network.load_state_dict(checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint)
-    network.eval()
-    pre = Compose(val_pre_transforms(plan))
-    inferer = SlidingWindowInferer(roi_size=plan.roi_size, sw_batch_size=plan.sw_batch_size, overlap=plan.sw_overlap)
+    network = load_network(plan, weights, device)
+    pre = Compose(val_pre_transforms(plan, keep_ignore=True))
+    inferer = SlidingWindowInferer(roi_size=plan.roi_size, sw_batch_size=plan.sw_batch_size, overlap=plan.sw_overlap,
+                                   mode="gaussian")
     per_image: List[Dict[str, Optional[float]]] = []
     with torch.no_grad():
         for record in records:
             data = pre({"image": record["image"], "label": record["label"]})
             logits = inferer(data["image"][None].to(device), network)
             pred = decide(logits[0], plan.label_decision, dim=0).cpu()
-            per_image.append(dice_per_structure(pred, data["label"][0].round().long()))
+            label = data["label"][0].round().long()
+            ignore = label == IGNORE_VALUE
+            per_image.append(dice_per_structure(pred.masked_fill(ignore, BACKGROUND), label.masked_fill(ignore, BACKGROUND)))
     per_structure: Dict[str, Optional[float]] = {}
     for name in (NAMES[v] for v in range(NUM_CLASSES) if v != BACKGROUND):
         values = [d[name] for d in per_image if d[name] is not None]
@@ -288,7 +293,7 @@ class ServingGuard:
             return {**current, "promoted": False, "decision": reason}
         measured = self._measure(candidate)
         trainer = context.trainer
-        facts = {"source": "training", "run_id": context.run_id, **measured,
+        facts = {"source": "training", "run_id": context.run_id, **measured, "plan": self.task.plan.to_dict(),
                  "train_images": len(context.train_datalist), "val_images": len(self.val_records),
                  "epochs": int(trainer.state.epoch) if trainer is not None else None,
                  "trained_from": self.parent}
