@@ -1,111 +1,338 @@
-"""Training recipe of the starter model on the development scans, resumable, CPU-feasible.
+"""Training recipe of the starter model (2.5D) on the development scans: resumable, CPU-feasible.
 
-    python -m lib.train_recipe --data ../shared/data --work work/recipe [--hours 2] [--threads 2]
+    python -m lib.train_recipe --data ../shared/data --work work/recipe [--steps 6000] [--hours 2]
+    python -m lib.train_recipe ... --init model/spine.pt     # continue from the shipped weights
+    python -m lib.train_recipe --work work/recipe --publish model   # ship the best weights
 
-Stages:
-1. cases: reliable SPIDER scans (whole vertebrae, all 11 structures annotated); the
-   unreliable ones (incomplete canal) and the body-only/disc-only sets are left out of
-   training because their unannotated structures would be learnt as background;
-2. a fixed validation split (``--val-count`` reliable SPIDER scans, chosen by a hash of
-   the id) that training never sees, written before the first run;
-3. synthetic phantoms (``lib.phantom``) add full field-of-view context;
-4. chunks of ``--epochs-per-chunk`` epochs of the app's own train task
-   (:class:`lib.trainers.spine.SpineTrainTask`) on a real MONAI Label datastore folder;
-   each chunk fine-tunes from the best weights so far (``work/model/spine.pt``), so a
-   killed run resumes by running the same command again.
+Stages (each with its home):
+1. cases: reliable SPIDER scans (whole vertebrae, all 11 structures annotated), the unreliable
+   ones (incomplete canal) left out; with ``--partial-sets fcs_VB3,fcs_IVD`` also sets that
+   annotate only some structures (bodies only, discs only), learnt through the marginal loss
+   of :mod:`lib.losses` so that what they leave undrawn is never taught as background;
+2. a fixed validation split (``--val-count`` reliable SPIDER scans, chosen by a hash of the id)
+   that training never sees, written to ``WORK/split.json`` before the first step;
+3. preprocessing: every case through the app's own chain (:func:`lib.transforms.load_and_resample`:
+   RAS, the plan's spacing, percentile intensities), cached in ``WORK/cache/``;
+4. training on batches of sagittal slabs (:class:`SlabSampler`) drawn from all training scans
+   through :meth:`lib.networks.SagittalSlabNetwork.forward_slabs`: Dice (batch Dice, fully
+   annotated slabs) + marginal cross-entropy (every slab; the plain cross-entropy for a full
+   annotation) on the 12 labels, AdamW, linear warm-up then cosine over ``--steps``; a checkpoint every
+   ``--checkpoint-every`` steps, so a killed run resumes by running the same command again;
+5. validation every ``--val-every`` steps with the train task's own :func:`lib.trainers.spine.measure`
+   (whole scans, the app's sliding window and label decision); the best weights so far go to
+   ``WORK/best/spine.pt`` with their record (plan + metrics), ready to copy into ``model/``.
+
+The 3D plan (``--conf preset 3d``) is trained through the server's train task instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
+import numpy as np
 import torch
-from monailabel.datastore.local import LocalDatastore
+from monai.losses import DiceLoss
+from monai.transforms import (
+    Compose,
+    RandAdjustContrastd,
+    RandAffined,
+    RandBiasFieldd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
+from monai.networks.utils import one_hot
+from monai.utils import set_determinism
 
-from lib.phantom import save_phantom
+from lib.labels import IGNORE_VALUE
+from lib.losses import Annotation, marginal_cross_entropy
+from lib.io import atomic_copy, atomic_output, atomic_write_text
+from lib.model_store import file_sha256, record_path, version_id, weights_path
+from lib.networks import SagittalSlabNetwork, build_network, select_device
 from lib.plans import SpinePlan
-from lib.splits import update_split
-from lib.trainers.spine import SPLIT_FILENAME, SpineTrainTask
+from lib.trainers.spine import measure
+from lib.transforms import load_and_resample
+
+SPIDER_PREFIX = "spider_"
 
 
 def choose_cases(data: Path, val_count: int) -> Tuple[List[str], List[str]]:
+    """(training ids, validation ids): reliable SPIDER scans, validation chosen by a hash of the id."""
     cases = json.loads((data / "manifest.json").read_text())["cases"]
-    reliable = sorted(c["id"] for c in cases if c["id"].startswith("spider_") and c.get("reliable"))
+    reliable = sorted(c["id"] for c in cases if c["id"].startswith(SPIDER_PREFIX) and c.get("reliable"))
     by_hash = sorted(reliable, key=lambda i: hashlib.sha1(i.encode()).hexdigest())
     validation = sorted(by_hash[:val_count])
     return [i for i in reliable if i not in validation], validation
 
 
-def build_studies(data: Path, studies: Path, case_ids: List[str], phantoms: int) -> None:
-    """A MONAI Label studies folder: links to the real scans, ``labels/final`` with their masks."""
-    final = studies / "labels" / "final"
-    final.mkdir(parents=True, exist_ok=True)
-    for case_id in case_ids:
-        for src, dst in ((data / "images", studies), (data / "labels", final)):
-            link = dst / f"{case_id}.nii.gz"
-            if not link.exists():
-                link.symlink_to((src / f"{case_id}.nii.gz").resolve())
-    for seed in range(phantoms):
-        image = studies / f"phantom_train_{seed:03d}.nii.gz"
-        if not image.exists():
-            save_phantom(str(image), str(final / image.name), seed=1000 + seed)
+def partial_cases(data: Path, prefixes: List[str]) -> Dict[str, Annotation]:
+    """Reliable cases of the sets named by ``prefixes`` (``fcs_VB3``...) and what each annotates."""
+    cases = json.loads((data / "manifest.json").read_text())["cases"]
+    return {c["id"]: Annotation.from_manifest(c) for c in cases
+            if c.get("reliable") and any(c["id"].startswith(p) for p in prefixes)}
+
+
+def preprocess(data: Path, cache: Path, case_id: str, plan: SpinePlan) -> Dict[str, np.ndarray]:
+    """``image`` (X, Y, Z) float32 0..1 and ``label`` (X, Y, Z) uint8 at the plan's spacing, RAS;
+    255 (ignore: T12 and above, unattributable pieces) kept."""
+    path = cache / f"{case_id}.npz"
+    if not path.exists():
+        chain = Compose(load_and_resample(["image", "label"], plan, label_key="label", keep_ignore=True))
+        d = chain({"image": str(data / "images" / f"{case_id}.nii.gz"),
+                   "label": str(data / "labels" / f"{case_id}.nii.gz")})
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, image=np.asarray(d["image"][0], dtype=np.float32),
+                            label=np.asarray(d["label"][0]).round().astype(np.uint8))
+    with np.load(path) as f:
+        return {"image": f["image"], "label": f["label"]}
+
+
+class SlabSampler:
+    """Random training samples: ``image`` (slab_size, Y, Z) float32, ``label`` (1, Y, Z) int64,
+    ``annotation`` (what the label draws: :class:`lib.losses.Annotation`).
+
+    A sample is one sagittal slice of a random training scan (slices that hold labelled
+    structures ``spine_weight`` times as likely as others) with its neighbours as channels
+    (the scan's edge slice repeated, as :class:`SagittalSlabNetwork` does), cut to the plan's
+    in-plane ROI. The window is centred on the labelled spine of that scan, moved by up to
+    ``jitter_mm`` in each in-plane direction, so that most windows hold the whole lumbar spine
+    with the sacrum (what tells the levels apart) and some cut it, as sliding windows do.
+    Left-right flip reverses the neighbour order (never superior-inferior: that defines the
+    levels); then the declarative 2D augmentation (affine, bias field, contrast, noise).
+    """
+
+    def __init__(self, volumes: List[Dict[str, np.ndarray]], plan: SpinePlan, rng: np.random.Generator,
+                 jitter_mm: Tuple[float, float] = (30.0, 50.0), spine_weight: float = 10.0,
+                 annotations: List[Annotation] | None = None, partial_fraction: float = 0.25):
+        self.plan, self.rng = plan, rng
+        complete = Annotation(frozenset(range(1, 12)))
+        self.annotations = list(annotations or [complete] * len(volumes))
+        self.roi = tuple(plan.roi_size[1:])
+        self.k = plan.slab_size // 2
+        self.jitter = [int(round(j / s)) for j, s in zip(jitter_mm, plan.target_spacing[1:])]
+        self.volumes, self.centres, slices, weights = [], [], [], []
+        for v, vol in enumerate(volumes):
+            image, label = vol["image"], vol["label"]
+            # zero-pad in-plane by the ROI once: every window is then a plain slice of the array
+            pad = [(0, 0)] + [(r, r) for r in self.roi]
+            self.volumes.append((np.pad(image, pad), np.pad(label, pad)))
+            fg = np.argwhere((label > 0) & (label != IGNORE_VALUE))
+            lo, hi = fg.min(0), fg.max(0)
+            self.centres.append(((lo[1:] + hi[1:]) // 2) + np.array(self.roi))
+            for x in range(image.shape[0]):
+                slices.append((v, x))
+                weights.append(spine_weight if ((label[x] > 0) & (label[x] != IGNORE_VALUE)).any() else 1.0)
+        self.slices = slices
+        # two pools, fully and partially annotated scans; a sample is partial with ``partial_fraction``
+        weights = np.asarray(weights, dtype=float)
+        is_partial = np.array([not self.annotations[v].complete for v, _ in slices])
+        if is_partial.any() and (~is_partial).any():
+            weights[is_partial] *= partial_fraction / weights[is_partial].sum()
+            weights[~is_partial] *= (1 - partial_fraction) / weights[~is_partial].sum()
+        self.p = weights / weights.sum()
+        self.augment = Compose([
+            RandAffined(keys=["image", "label"], prob=0.5, rotate_range=(math.radians(10),),
+                        scale_range=(0.1, 0.1), mode=("bilinear", "nearest"), padding_mode="zeros"),
+            RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.3)),
+            RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5)),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+            RandGaussianNoised(keys="image", prob=0.2, std=0.03),
+        ])
+
+    def sample(self) -> Dict[str, torch.Tensor]:
+        v, x = self.slices[self.rng.choice(len(self.slices), p=self.p)]
+        image, label = self.volumes[v]
+        xs = np.clip(np.arange(x - self.k, x + self.k + 1), 0, image.shape[0] - 1)
+        centre = self.centres[v] + np.array([self.rng.integers(-j, j + 1) for j in self.jitter])
+        lo = centre - np.array(self.roi) // 2
+        window = tuple(slice(a, a + r) for a, r in zip(lo, self.roi))
+        slab = image[(xs,) + window]
+        if self.rng.random() < 0.5:
+            slab = slab[::-1]
+        d = self.augment({"image": torch.from_numpy(np.ascontiguousarray(slab)),
+                          "label": torch.from_numpy(label[(slice(x, x + 1),) + window].astype(np.float32))})
+        return {"image": torch.as_tensor(d["image"]).float(), "label": torch.as_tensor(d["label"]).round().long(),
+                "annotation": self.annotations[v]}
+
+    def batch(self, size: int) -> Tuple[torch.Tensor, torch.Tensor, List[Annotation]]:
+        samples = [self.sample() for _ in range(size)]
+        return (torch.stack([s["image"] for s in samples]), torch.stack([s["label"] for s in samples]),
+                [s["annotation"] for s in samples])
+
+
+class RecipeLoss:
+    """Dice over the fully annotated slabs of a batch (batch Dice, MONAI) + the marginal
+    cross-entropy over all of them (:func:`lib.losses.marginal_cross_entropy`); for a batch of
+    full annotations this is MONAI's DiceCE. Voxels labelled 255 (ignore) count in neither:
+    read as background, the T12 vertebra and the T12-L1 disc above L1 look to the network like
+    the sacrum below L5-S1, and it learnt to call the L5-S1 disc "L1-L2" (measured, see the
+    model card)."""
+
+    def __init__(self):
+        self.dice = DiceLoss(batch=True)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, annotations: List[Annotation]) -> torch.Tensor:
+        known = labels != IGNORE_VALUE  # (N, 1, Y, Z)
+        labels = labels.masked_fill(~known, 0)
+        loss = marginal_cross_entropy(logits, labels, annotations, known)
+        complete = torch.tensor([a.complete for a in annotations], device=logits.device)
+        if complete.any():
+            mask = known[complete].float()
+            probabilities = torch.softmax(logits[complete], 1) * mask
+            target = one_hot(labels[complete], logits.shape[1]) * mask
+            loss = loss + self.dice(probabilities, target)
+        return loss
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def save_weights(network: torch.nn.Module, path: Path, record: Dict) -> None:
+    """Weights (state dict) + the record next to them (plan, metrics, sha256), both atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        torch.save(network.state_dict(), tmp)
+    atomic_write_text(record_path(str(path)), json.dumps({**record, "sha256": file_sha256(str(path))}, indent=1))
+
+
+def publish(work: Path, model_dir: Path) -> Dict:
+    """The recipe's best weights become the serving model of ``model_dir`` (``spine.pt``) with
+    a serving record (``spine.json``: version, sha256, plan, validation metrics, recipe)."""
+    best = work / "best" / "spine.pt"
+    if not best.exists():
+        raise SystemExit(f"{best} does not exist: run the recipe first")
+    facts = json.loads(Path(record_path(str(best))).read_text())
+    weights = Path(weights_path(str(model_dir)))
+    model_dir.mkdir(parents=True, exist_ok=True)
+    atomic_copy(str(best), weights)
+    sha = file_sha256(str(weights))
+    record = {"version": version_id(sha), "sha256": sha, "how": "starter",
+              "reason": f"starter model: python -m lib.train_recipe, step {facts.get('step')}",
+              "since": time.strftime("%Y-%m-%dT%H:%M:%S"), **{k: v for k, v in facts.items() if k != "sha256"}}
+    atomic_write_text(record_path(str(weights)), json.dumps(record, indent=1))
+    return record
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--work", type=Path, default=Path("work/recipe"))
-    parser.add_argument("--hours", type=float, default=2.0, help="stop starting new chunks after this")
-    parser.add_argument("--epochs-per-chunk", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=6000, help="length of the learning-rate schedule")
+    parser.add_argument("--hours", type=float, default=24.0, help="stop (resumably) after this long")
+    parser.add_argument("--batch", type=int, default=8, help="slabs per optimiser step")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--val-count", type=int, default=6)
-    parser.add_argument("--phantoms", type=int, default=8)
+    parser.add_argument("--val-every", type=int, default=250)
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--init", type=Path, help="start from these weights (e.g. model/spine.pt)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--partial-sets", default="",
+                        help="comma-separated case prefixes of partially annotated sets to train on too "
+                             "(e.g. fcs_VB3,fcs_IVD)")
+    parser.add_argument("--partial-fraction", type=float, default=0.25, help="share of slabs from those sets")
     parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    parser.add_argument("--publish", type=Path, metavar="MODEL_DIR",
+                        help="copy the best weights so far into MODEL_DIR as its serving model, then stop")
     args = parser.parse_args(argv)
+    if args.publish:
+        record = publish(args.work, args.publish)
+        print(f"published {record['version']} (val mean Dice {record.get('val_mean_dice')}) to {args.publish}")
+        return
     torch.set_num_threads(args.threads)
+    plan = SpinePlan.from_conf(dict(args.conf))
+    if plan.network_mode != "2.5d":
+        parser.error("this recipe trains the 2.5d plan; train a 3d plan with the server's train task")
+    device = select_device()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
 
+    split_file = work / "split.json"
     train_ids, val_ids = choose_cases(args.data, args.val_count)
-    studies, model_dir = args.work / "studies", args.work / "model"
-    build_studies(args.data, studies, train_ids + val_ids, args.phantoms)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    split_path = model_dir / SPLIT_FILENAME
-    if not split_path.exists():
-        split_path.write_text(json.dumps({"train": [], "validation": val_ids}, indent=1))
-    datastore = LocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
-    train, val = update_split(str(split_path), [d for d in _ids(datastore)], 0.0)
-    assert sorted(val) == val_ids, "validation split changed: refusing to train"
-    print(f"{len(train)} training images, {len(val)} validation images: {val}", flush=True)
+    if split_file.exists():
+        saved = json.loads(split_file.read_text())
+        if saved["validation"] != val_ids or saved["train"] != train_ids:
+            raise SystemExit(f"{split_file} differs from the cases chosen now: refusing to mix splits")
+    else:
+        split_file.write_text(json.dumps({"train": train_ids, "validation": val_ids}, indent=1))
+    partial = partial_cases(args.data, [p for p in args.partial_sets.split(",") if p])
+    print(f"{len(train_ids)} training scans, {len(val_ids)} validation scans: {val_ids}", flush=True)
 
-    conf = {"max_epochs": str(args.epochs_per_chunk), "early_stop_patience": "0", "val_interval": "2",
-            "warmup_epochs": "1", **dict(args.conf)}
-    plan = SpinePlan.from_conf(conf)
+    if partial:
+        print(f"{len(partial)} partially annotated scans: {sorted(partial)}", flush=True)
+    volumes = [preprocess(args.data, work / "cache", i, plan) for i in train_ids + sorted(partial)]
+    annotations = [Annotation(frozenset(range(1, 12)))] * len(train_ids) + [partial[i] for i in sorted(partial)]
+    val_records = [{"id": i, "image": str(args.data / "images" / f"{i}.nii.gz"),
+                    "label": str(args.data / "labels" / f"{i}.nii.gz")} for i in val_ids]
+
+    network: SagittalSlabNetwork = build_network(plan).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=plan.weight_decay)
+    loss_function = RecipeLoss()
+    checkpoint_file, best_file, log_file = work / "checkpoint.pt", work / "best" / "spine.pt", work / "log.jsonl"
+    step, best = 0, -1.0
+    if checkpoint_file.exists():
+        state = torch.load(checkpoint_file, map_location=device, weights_only=False)
+        network.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best = state["step"], state["best"]
+        print(f"resumed at step {step} (best val mean Dice {best:.4f})", flush=True)
+    elif args.init:
+        network.load_state_dict(torch.load(args.init, map_location=device))
+        print(f"starting from {args.init}", flush=True)
+
+    # each resume its own random stream: a resumed run does not repeat the samples it already saw
+    set_determinism(seed=args.seed + step)
+    sampler = SlabSampler(volumes, plan, np.random.default_rng(args.seed + step), annotations=annotations,
+                          partial_fraction=args.partial_fraction)
     deadline = time.time() + args.hours * 3600
-    log = args.work / "recipe_log.jsonl"
-    chunk = sum(1 for _ in open(log)) if log.exists() else 0
-    while time.time() < deadline:
-        start = time.time()
-        # each chunk its own seed: a seeded run would otherwise repeat the last chunk's crops
-        chunk_plan = dataclasses.replace(plan, train_seed=plan.train_seed + chunk)
-        stats = SpineTrainTask(str(model_dir), chunk_plan)({"name": "recipe"}, datastore)
-        chunk += 1
-        serving = json.loads((model_dir / "spine.json").read_text()) if (model_dir / "spine.json").exists() else {}
-        entry = {"chunk": chunk, "epochs": args.epochs_per_chunk, "seconds": round(time.time() - start),
-                 "best_val_mean_dice_this_chunk": stats.get("best_metric"), "serving": serving}
-        with open(log, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        print(json.dumps(entry), flush=True)
-
-
-def _ids(datastore: LocalDatastore) -> List[str]:
-    from lib.trainers.spine import image_key
-
-    return [image_key(r) for r in datastore.datalist()]
+    window_loss, window_start = [], time.time()
+    while step < args.steps and time.time() < deadline:
+        network.train()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        images, labels, batch_annotations = sampler.batch(args.batch)
+        loss = loss_function(network.forward_slabs(images.to(device)), labels.to(device), batch_annotations)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        window_loss.append(float(loss.detach()))
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            entry = {"step": step, "loss": round(float(np.mean(window_loss)), 4), "lr": optimizer.param_groups[0]["lr"],
+                     "seconds_per_step": round((time.time() - window_start) / len(window_loss), 3)}
+            window_loss, window_start = [], time.time()
+            if step % args.val_every == 0 or step == args.steps:
+                network.eval()
+                save_weights(network, work / "last" / "spine.pt", {"plan": plan.to_dict(), "step": step})
+                metrics = measure(str(work / "last" / "spine.pt"), val_records, plan, device)
+                entry["val_mean_dice"] = metrics["val_mean_dice"]
+                entry["per_structure_dice"] = metrics["per_structure_dice"]
+                if metrics["val_mean_dice"] is not None and metrics["val_mean_dice"] > best:
+                    best = metrics["val_mean_dice"]
+                    save_weights(network, best_file, {"plan": plan.to_dict(), "step": step, **metrics,
+                                                      "recipe": vars(args) | {"data": str(args.data),
+                                                                              "work": str(work), "init": str(args.init)}})
+                    entry["best"] = True
+                window_start = time.time()
+            state = {"model": network.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best}
+            with atomic_output(checkpoint_file) as tmp:
+                torch.save(state, tmp)
+            with open(log_file, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            print(json.dumps(entry), flush=True)
+    print(f"stopped at step {step} of {args.steps}; best val mean Dice {best:.4f} ({best_file})", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+"""The starter-model recipe (``python -m lib.train_recipe``) on the real development scans,
+tiny preset: it trains on sagittal slabs, validates, resumes from its checkpoint, and its
+published weights carry their plan."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, shared_data
+from lib.errors import PlanMismatch
+from lib.model_store import file_sha256
+from lib.networks import load_network
+from lib.plans import SpinePlan
+from lib.losses import Annotation, marginal_cross_entropy
+from lib.train_recipe import SlabSampler, choose_cases, learning_rate, preprocess
+
+TINY = ["--conf", "preset", "tiny"]
+
+
+def recipe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lib.train_recipe", "--data", str(shared_data()), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def test_validation_cases_are_reliable_spider_scans_never_trained_on():
+    train, val = choose_cases(shared_data(), 6)
+    assert len(val) == 6 and not set(train) & set(val)
+    assert all(i.startswith("spider_") for i in train + val)
+
+
+def test_slab_samples_keep_anatomy(tmp_path):
+    """Samples are (slab, Y, Z) windows with the label of the centre slice; a window centred on
+    the spine holds most of the scan's labelled structures."""
+    plan = SpinePlan.from_conf({"preset": "tiny", "roi_size": "-1,64,96", "target_spacing": "2,3,3"})
+    train, _ = choose_cases(shared_data(), 6)
+    volumes = [preprocess(shared_data(), tmp_path, case_id, plan) for case_id in train[:2]]
+    sampler = SlabSampler(volumes, plan, np.random.default_rng(0), jitter_mm=(0, 0))
+    images, labels, annotations = sampler.batch(6)
+    assert images.shape == (6, plan.slab_size, 64, 96) and labels.shape == (6, 1, 64, 96)
+    assert labels.dtype == torch.int64
+    assert set(np.unique(labels.numpy())) <= set(range(12)) | {255}  # 255 = ignore, kept for the loss
+    present = [set(np.unique(label.numpy())) - {0, 255} for label in labels]
+    assert max(len(p) for p in present) >= 8  # most levels in one view
+    assert learning_rate(0, 100, 1.0, 10) == pytest.approx(0.1) and learning_rate(100, 100, 1.0, 10) == 0.0
+
+
+def test_recipe_trains_resumes_and_publishes_with_its_plan(tmp_path):
+    work, model_dir = tmp_path / "work", tmp_path / "model"
+    common = ["--work", str(work), "--batch", "2", "--val-count", "2", "--checkpoint-every", "1", *TINY]
+    first = recipe(*common, "--steps", "2", "--val-every", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2] and "val_mean_dice" in log[-1]
+    second = recipe(*common, "--steps", "3", "--val-every", "3")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed at step 2" in second.stdout
+    assert [json.loads(line)["step"] for line in (work / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    # a changed split is refused rather than mixed into the same run
+    other = recipe("--work", str(work), "--val-count", "3", *TINY, "--steps", "4")
+    assert other.returncode != 0 and "refusing to mix splits" in other.stderr
+    published = recipe("--work", str(work), "--publish", str(model_dir))
+    assert published.returncode == 0, published.stderr[-3000:]
+    record = json.loads((model_dir / "spine.json").read_text())
+    assert record["sha256"] == file_sha256(str(model_dir / "spine.pt"))
+    assert record["plan"]["preset"] == "tiny" and record["validation_ids"] == json.loads(
+        (work / "split.json").read_text())["validation"]
+    load_network(SpinePlan.from_conf({"preset": "tiny"}), str(model_dir / "spine.pt"))
+    with pytest.raises(PlanMismatch):
+        load_network(SpinePlan.from_conf({}), str(model_dir / "spine.pt"))
+
+
+def test_marginal_loss_judges_only_what_a_mask_annotates():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12, 4, 5)
+    labels = torch.randint(0, 12, (1, 1, 4, 5))
+    full = Annotation(frozenset(range(1, 12)))
+    assert marginal_cross_entropy(logits, labels, [full]) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, labels[:, 0])), rel=1e-5)
+    # bodies only: 0 may be a posterior element of an annotated vertebra: only drawn voxels count
+    bodies = Annotation(frozenset(range(1, 6)), zero_is_known=False)
+    body_labels = torch.where(labels <= 5, labels, torch.zeros_like(labels))
+    drawn = body_labels[0, 0] > 0
+    expected = -torch.log_softmax(logits, 1)[0].gather(0, body_labels[0])[0][drawn].mean()
+    assert marginal_cross_entropy(logits, body_labels, [bodies]) == pytest.approx(float(expected), rel=1e-5)
+    # discs only: 0 means "no disc", i.e. background, a vertebra or the canal
+    discs = Annotation(frozenset(range(6, 11)))
+    zeros = torch.zeros_like(labels)
+    p = torch.softmax(logits, 1)[0]
+    not_disc = p[[0, 1, 2, 3, 4, 5, 11]].sum(0)
+    assert marginal_cross_entropy(logits, zeros, [discs]) == pytest.approx(float(-torch.log(not_disc).mean()), rel=1e-5)
+    assert Annotation.from_manifest({"annotated_labels": [1, 2, 3, 4, 5], "vertebra_extent": "body_only"}) == bodies
+
+
+def test_recipe_loss_ignores_255_and_is_diceCE_for_full_labels():
+    """255 (T12 and above, unattributable pieces) counts for nothing: whatever the network says
+    there leaves the loss unchanged; without 255 the loss is MONAI's DiceCE (batch Dice)."""
+    from monai.losses import DiceCELoss
+
+    from lib.train_recipe import RecipeLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 12, 8, 8)
+    labels = torch.randint(0, 12, (2, 1, 8, 8))
+    full = [Annotation(frozenset(range(1, 12)))] * 2
+    reference = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)(logits, labels)
+    assert RecipeLoss()(logits, labels, full) == pytest.approx(float(reference), rel=1e-4)
+    ignored = labels.clone()
+    ignored[:, :, :3] = 255
+    other = logits.clone()
+    other[:, :, :3] = torch.randn(2, 12, 3, 8) * 10  # other predictions where the label is 255
+    assert RecipeLoss()(logits, ignored, full) == pytest.approx(float(RecipeLoss()(other, ignored, full)), rel=1e-5)
