@@ -79,6 +79,9 @@ FOOTPRINT_CELL_MM = 2.0
 SPLIT_BAND_MM = 15.0
 #: bone needed on each side of a disc (mL, at least) before a label is split there
 SPLIT_MIN_ML = 0.5
+#: a missing end level (L1 / L5-S1 side) counts as outside the field of view when the
+#: nearest found level's seed reaches within this many mm of the scan's edge
+FOV_EDGE_MM = 15.0
 
 
 @dataclass
@@ -386,7 +389,8 @@ def assign_levels(label: np.ndarray, affine: np.ndarray, min_instance_ml: float 
         ``(relabelled, report)``: a new ``uint8`` array of the same shape, and a
         JSON-serialisable dict with keys ``consistent``, ``present``, ``missing``,
         ``extra`` (list of ``{kind, label, position, volume_ml}``),
-        ``disc_not_between_vertebrae``, ``out_of_order`` (levels that kept the network's
+        ``outside_field_of_view`` (missing end levels beyond a found level that reaches the
+        scan's edge), ``disc_not_between_vertebrae``, ``out_of_order`` (levels that kept the network's
         label although they do not fit the order), ``relabelled`` (network name -> new
         name, for the largest instance of each renamed label), ``vertebrae_found``,
         ``discs_found`` (instances, extras included), ``removed_fragments_ml`` (label
@@ -458,12 +462,40 @@ def assign_levels(label: np.ndarray, affine: np.ndarray, min_instance_ml: float 
         inside = components > 0
         sub[inside] = lut[components[inside]]
 
-    return out, _report(instances, extras, middle_removed, orphan_ml)
+    return out, _report(instances, extras, middle_removed, orphan_ml, _scan_zrange(label.shape, affine))
+
+
+def _scan_zrange(shape: Tuple[int, ...], affine: np.ndarray) -> Tuple[float, float]:
+    """World z (mm) of the scan's lowest and highest voxel centres."""
+    corners = np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    z = (affine @ corners.T)[2]
+    return float(z.min()), float(z.max())
+
+
+def _outside_fov(by_slot: Dict[int, "_Instance"], zrange: Tuple[float, float]) -> Dict[str, dict]:
+    """Missing levels beyond the highest / lowest found level, when that level reaches within
+    :data:`FOV_EDGE_MM` of the scan's upper / lower edge: the scan ends there, so they are
+    outside the field of view rather than missed. Name -> ``{side, edge_mm, nearest}``."""
+    if not by_slot:
+        return {}
+    out: Dict[str, dict] = {}
+    top, bottom = min(by_slot), max(by_slot)
+    gap_top = zrange[1] - by_slot[top].seed_zrange[1]
+    gap_bottom = by_slot[bottom].seed_zrange[0] - zrange[0]
+    if gap_top <= FOV_EDGE_MM:
+        for s in range(0, top):
+            out[NAMES[SLOTS[s]]] = {"side": "above", "edge_mm": round(gap_top, 1), "nearest": NAMES[SLOTS[top]]}
+    if gap_bottom <= FOV_EDGE_MM:
+        for s in range(bottom + 1, len(SLOTS)):
+            out[NAMES[SLOTS[s]]] = {"side": "below", "edge_mm": round(gap_bottom, 1),
+                                    "nearest": NAMES[SLOTS[bottom]]}
+    return out
 
 
 def _report(instances: List[_Instance], extras: List[dict], middle_removed: List[dict],
-            orphan_ml: Dict[str, float]) -> dict:
+            orphan_ml: Dict[str, float], scan_zrange: Tuple[float, float]) -> dict:
     by_slot = {inst.slot: inst for inst in instances if inst.slot is not None}
+    outside = _outside_fov(by_slot, scan_zrange)
     present = [NAMES[SLOTS[s]] for s in sorted(by_slot)]
     missing = [NAMES[v] for s, v in enumerate(SLOTS) if s not in by_slot]
     not_between = _discs_not_between(by_slot)
@@ -495,9 +527,16 @@ def _report(instances: List[_Instance], extras: List[dict], middle_removed: List
     if relabelled:
         pairs = ", ".join(f"{old} -> {new}" for old, new in relabelled.items())
         messages.append(f"levels renumbered by cranio-caudal order: {pairs}")
-    if missing:
-        messages.append(f"not found: {', '.join(missing)} (outside the field of view, or missed by the "
-                        "segmentation: check the image)")
+    for side in ("above", "below"):
+        names = [n for n in missing if outside.get(n, {}).get("side") == side]
+        if names:
+            e = outside[names[0]]
+            messages.append(f"{', '.join(names)} outside the field of view: the scan ends {e['edge_mm']:.0f} mm "
+                            f"{side} {e['nearest']}")
+    missed = [n for n in missing if n not in outside]
+    if missed:
+        messages.append(f"not found: {', '.join(missed)} (missed by the segmentation, or outside the field of "
+                        "view: check the image)")
     for name in not_between:
         upper, lower = name.split("-")
         where = f"below the {upper} vertebra" if lower == "S1" else f"between the {upper} and {lower} vertebrae"
@@ -515,6 +554,7 @@ def _report(instances: List[_Instance], extras: List[dict], middle_removed: List
         "consistent": bool(consistent),
         "present": present,
         "missing": missing,
+        "outside_field_of_view": [n for n in missing if n in outside],
         "extra": [{k: v for k, v in e.items() if k != "top"} for e in extras + middle_removed],
         "disc_not_between_vertebrae": not_between,
         "out_of_order": out_of_order,
