@@ -212,6 +212,8 @@ class AutoTrainer:
         self._waiting = threading.Lock()  # held by the one thread that waits for a busy run to end
         self._timer: threading.Thread | None = None
         self._stop = threading.Event()
+        # what the last check decided, shown in /info: clients wait on it instead of sleeping
+        self._checks, self._last_check = 0, None
 
     def _stamp(self):
         try:
@@ -234,7 +236,15 @@ class AutoTrainer:
         return [i for i in self._labeled_images() if i not in excluded]
 
     def check(self, trigger: str = "label", periodic: bool = False) -> Decision:
-        """Decide and, if so, start a training; never raises (a label save must not fail)."""
+        """Decide and, if so, start a training; never raises (a label save must not fail).
+        Every check is counted, and the last one is reported by :meth:`info`."""
+        decision = self._check(trigger, periodic)
+        self._last_check = {"trigger": trigger, "started": decision.start, "reason": decision.reason,
+                            "at": time.time()}
+        self._checks += 1
+        return decision
+
+    def _check(self, trigger: str, periodic: bool) -> Decision:
         try:
             with self._lock:
                 labeled = self.labeled()
@@ -293,6 +303,8 @@ class AutoTrainer:
             "final_labels": len(labeled),
             "new_final_labels": state.new_labels(labeled),
             **state.summary(),
+            "checks": self._checks,
+            "last_check": self._last_check,
         }
 
     def start_periodic(self, startup_delay: float = 5.0) -> None:

@@ -27,9 +27,18 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
 
+def missing_dependency(message: str):
+    """A test cannot run because something it needs is missing (shared data, Orthanc,
+    Chromium): under ``CI=true`` that fails the run with the message; elsewhere it skips
+    with the reason, listed by pytest's summary."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"missing dependency (CI=true): {message}", pytrace=False)
+    pytest.skip(message)
+
+
 def shared_data() -> Path:
     if not (SHARED_DATA / "manifest.json").exists():
-        pytest.skip(f"development data not found at {SHARED_DATA}")
+        missing_dependency(f"development data not found at {SHARED_DATA}")
     return SHARED_DATA
 
 

@@ -197,6 +197,18 @@ def auto_info(url):
     return requests.get(f"{url}/info/", timeout=30).json()["auto_train"]
 
 
+def wait_for_check(url, trigger, timeout=120):
+    """The server's next auto-train check whose trigger starts with ``trigger`` (as /info reports
+    it): waits on what the server says it did, not on a guess of how long it takes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        last = auto_info(url)["last_check"]
+        if last and last["trigger"].startswith(trigger):
+            return last
+        time.sleep(0.5)
+    raise TimeoutError(f"no auto-train check '{trigger}' within {timeout} s: {auto_info(url)}")
+
+
 def train_tasks(url):
     r = requests.get(f"{url}/train/", params={"all": "true"}, timeout=10)
     return r.json() if r.status_code == 200 else []
@@ -216,7 +228,8 @@ def test_info_shows_settings(site):
 def test_one_final_label_starts_nothing(site):
     url = site["server"].url
     save(site, site["cases"][0])
-    time.sleep(2)
+    check = auto_info(url)["last_check"]  # the save itself runs the check
+    assert check["trigger"] == f"label {site['cases'][0]}" and check["started"] is False, check
     assert requests.get(f"{url}/train/", timeout=10).status_code == 404  # no train task at all
     info = auto_info(url)
     assert info["final_labels"] == 1 and info["runs_started"] == 0
@@ -248,7 +261,8 @@ def test_third_label_and_train_request_during_the_run_start_nothing(site):
         if tasks and tasks[-1]["status"] not in ("SUBMITTED", "RUNNING"):
             break
         time.sleep(1)
-    time.sleep(4)  # the check after the run: 1 new label < 5, nothing starts
+    check = wait_for_check(url, "after run")  # the check after the run: 1 new label < 5, nothing starts
+    assert check["started"] is False, check
     tasks = train_tasks(url)
     assert len(tasks) == 1, tasks
     assert tasks[0]["status"] == "DONE", "\n".join(tasks[0].get("details", []))
@@ -266,5 +280,6 @@ def test_restart_keeps_the_counters(site):
     after = auto_info(url)
     for key in ("runs_started", "final_labels_at_last_start", "last_start", "final_labels", "new_final_labels"):
         assert after[key] == before[key], key
-    time.sleep(7)  # past the start-up check: 1 new label < 5, nothing starts
+    check = wait_for_check(url, "start-up")  # 1 new label < 5: the start-up check starts nothing
+    assert check["started"] is False, check
     assert requests.get(f"{url}/train/", timeout=10).status_code == 404

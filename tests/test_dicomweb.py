@@ -30,7 +30,7 @@ import pydicom
 import pytest
 import requests
 
-from conftest import Server, free_port
+from conftest import Server, free_port, missing_dependency
 from lib import pacs
 from lib.labels import COLORS, NAMES
 
@@ -41,7 +41,7 @@ def _install_or_skip():
     try:
         pacs.install_orthanc()
     except RuntimeError as e:
-        pytest.skip(f"Orthanc cannot be installed here: {e}")
+        missing_dependency(f"Orthanc cannot be installed here: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +303,7 @@ def chromium_or_skip() -> str:
                 break
         binary = shutil.which("chromium")
     if not binary:
-        pytest.skip("no Chromium here and it cannot be apt-installed (needs root and the Debian archive)")
+        missing_dependency("no Chromium here and it cannot be apt-installed (needs root and the Debian archive)")
     return binary
 
 

@@ -24,7 +24,7 @@ import requests
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, missing_dependency
 from lib import importer, pacs
 
 IDENTIFIERS = {
@@ -246,7 +246,7 @@ def orthanc(tmp_path_factory):
     try:
         pacs.install_orthanc()
     except RuntimeError as e:
-        pytest.skip(f"Orthanc cannot be installed here: {e}")
+        missing_dependency(f"Orthanc cannot be installed here: {e}")
     folder = tmp_path_factory.mktemp("orthanc-import")
     password = secrets.token_hex(8)
     url = pacs.start_orthanc(str(folder), port=free_port(), user="importer", password=password)

@@ -14,11 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not add the repo root
     sys.path.insert(0, str(REPO))
 
+from conftest import missing_dependency  # noqa: E402
 from lib.errors import InvalidInput  # noqa: E402
 from lib.labels import CANAL, DISCS, IGNORE_VALUE, NAMES, VERTEBRAE  # noqa: E402
 from lib.postprocess import clean_label, structure_volumes_ml  # noqa: E402
 
-nib = pytest.importorskip("nibabel")
+import nibabel as nib  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 FOREGROUND_NAMES = [NAMES[v] for v in range(1, 12)]
@@ -27,14 +28,14 @@ FOREGROUND_NAMES = [NAMES[v] for v in range(1, 12)]
 def _manifest() -> dict:
     path = DATA / "manifest.json"
     if not path.is_file():
-        pytest.skip(f"real data not found at {DATA}")
+        missing_dependency(f"real data not found at {DATA}")
     return {case["id"]: case for case in json.loads(path.read_text())["cases"]}
 
 
 def load(case_id: str):
     """Reference mask as a prediction (255 -> 0, uint8) and its spacing in mm."""
     if case_id not in _manifest():
-        pytest.skip(f"{case_id} not in the data manifest")
+        missing_dependency(f"{case_id} not in the data manifest")
     image = nib.load(str(DATA / "labels" / f"{case_id}.nii.gz"))
     label = np.asarray(image.dataobj).astype(np.uint8)
     label[label == IGNORE_VALUE] = 0

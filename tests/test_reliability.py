@@ -67,6 +67,10 @@ def site(tmp_path_factory):
     torch.save(build_network(SpinePlan.from_conf({"preset": "tiny"})).state_dict(), model_dir / "spine.pt")
     state = {"root": root, "sandbox": sandbox, "studies": studies, "model_dir": model_dir, "files": files}
     state["server"] = Server(studies, model_dir, workdir=root, conf=SITE_CONF)
+    # the model serves from the start, so the server scores the unlabelled scan in the
+    # background and writes the score into the datastore: wait for that before any test
+    # compares the studies folder before and after a request
+    state["server"].wait_for_task("scoring", timeout=300)
     yield state
     state["server"].stop()
 

@@ -306,12 +306,29 @@ def test_epistemic_scoring_and_next_sample(site):
     assert answer["id"] == answer["ids"][0]
 
 
-def test_infer_uses_the_weights_published_by_training(site):
+def test_infer_uses_the_weights_published_by_training(site, tmp_path):
+    """The network that ran is the published one: the server's label equals what those weights
+    give in this process, and differs from what other weights of the same plan give."""
+    import torch
+
+    from lib.networks import build_network
+    from lib.plans import SpinePlan
+    from lib.segment import SpineSegmenter
+
     weights = site["model_dir"] / "spine.pt"
-    r = requests.post(f"{site['server'].url}/infer/spine", params={"image": site["cases"][2], "output": "json"},
-                      timeout=600)
+    path = site["reference"] / f"{site['cases'][2]}.nii.gz"
+    r = infer_upload(site["server"].url, path)
     assert r.status_code == 200, r.text
-    assert r.json()["model_version"] == model_version(str(weights))
+    result, label_bytes = split_multipart(r)
+    assert result["model_version"] == model_version(str(weights))
+    (tmp_path / "served.nii.gz").write_bytes(label_bytes)
+    served = np.asanyarray(nib.load(tmp_path / "served.nii.gz").dataobj)
+    published = SpineSegmenter(str(weights), {"preset": "tiny"}, "cpu").segment(path).label
+    torch.manual_seed(123)
+    torch.save(build_network(SpinePlan.from_conf({"preset": "tiny"})).state_dict(), tmp_path / "other.pt")
+    other = SpineSegmenter(str(tmp_path / "other.pt"), {"preset": "tiny"}, "cpu").segment(path).label
+    assert np.mean(served == published) > 0.999
+    assert np.mean(served == other) < 0.99 and not np.array_equal(published, other)
 
 
 def test_a_warm_server_does_not_reload_the_model(site):
