@@ -61,7 +61,8 @@ from lib.grouping import decide
 from lib.labels import NUM_CLASSES
 from lib.measure import MemorySampler
 from lib.model_store import DEFAULT_MODEL_DIR, REPO_ROOT, weights_path
-from lib.networks import build_network, load_network
+from lib.errors import PlanMismatch
+from lib.networks import build_network, check_plan, load_network
 from lib.plans import SpinePlan
 
 SAMPLE_DATA = REPO_ROOT / "sample-data"
@@ -311,6 +312,12 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     model_path = args.model or weights_path(str(DEFAULT_MODEL_DIR))
     note = ""
+    if not args.model and os.path.exists(model_path):
+        try:
+            check_plan(model_path, plan)
+        except PlanMismatch as e:  # the shipped weights belong to the default plan, not to e.g. --conf preset tiny
+            print(f"not using {model_path}: {e}")
+            model_path = ""
     if not os.path.exists(model_path):
         model_path = os.path.join(tempfile.mkdtemp(), "random_init.pt")
         torch.save(build_network(plan).state_dict(), model_path)

@@ -121,6 +121,8 @@ def test_relabelling_an_image_is_not_a_new_label(tmp_path):
     fake.labeled = ["a"]
     assert auto.check().start
     fake.finish()
+    # the check after the run comes from its own thread: wait for it, or it could see "b" below
+    assert wait_until(lambda: (auto.info()["last_check"] or {}).get("trigger") == "after run"), auto.info()
     assert not auto.check().start  # "a" saved again: nothing new
     fake.labeled = ["a", "b"]
     assert auto.check().start
