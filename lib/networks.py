@@ -160,10 +160,15 @@ def load_weights(network: torch.nn.Module, weights: str, plan: SpinePlan,
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise PlanMismatch(f"the weights {weights} do not fit the {plan.network_mode} network of this plan "
-                           f"({' '.join(first[:2])[:300]}...): they were built for another plan") from None
+        raise weights_do_not_fit(weights, plan, e) from None
     return network
+
+
+def weights_do_not_fit(weights: str, plan: SpinePlan, error: Exception) -> PlanMismatch:
+    """The error for weights whose strict load failed (no recorded plan said so before)."""
+    first = str(error).strip().splitlines()
+    return PlanMismatch(f"the weights {weights} do not fit the {plan.network_mode} network of this plan "
+                        f"({' '.join(first[:2])[:300]}...): they were built for another plan")
 
 
 def load_network(plan: SpinePlan, weights: str, device: torch.device | str = "cpu") -> torch.nn.Module:

@@ -51,10 +51,10 @@ from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 
 from lib.labels import IGNORE_VALUE
-from lib.losses import Annotation, marginal_cross_entropy
+from lib.losses import COMPLETE, Annotation, marginal_cross_entropy
 from lib.io import atomic_copy, atomic_output, atomic_write_text
 from lib.model_store import file_sha256, record_path, version_id, weights_path
-from lib.networks import SagittalSlabNetwork, build_network, select_device
+from lib.networks import SagittalSlabNetwork, build_network, load_weights, select_device
 from lib.plans import SpinePlan
 from lib.trainers.spine import measure
 from lib.transforms import load_and_resample
@@ -111,8 +111,7 @@ class SlabSampler:
                  jitter_mm: Tuple[float, float] = (30.0, 50.0), spine_weight: float = 10.0,
                  annotations: List[Annotation] | None = None, partial_fraction: float = 0.25):
         self.plan, self.rng = plan, rng
-        complete = Annotation(frozenset(range(1, 12)))
-        self.annotations = list(annotations or [complete] * len(volumes))
+        self.annotations = list(annotations or [COMPLETE] * len(volumes))
         self.roi = tuple(plan.roi_size[1:])
         self.k = plan.slab_size // 2
         self.jitter = [int(round(j / s)) for j, s in zip(jitter_mm, plan.target_spacing[1:])]
@@ -122,12 +121,13 @@ class SlabSampler:
             # zero-pad in-plane by the ROI once: every window is then a plain slice of the array
             pad = [(0, 0)] + [(r, r) for r in self.roi]
             self.volumes.append((np.pad(image, pad), np.pad(label, pad)))
-            fg = np.argwhere((label > 0) & (label != IGNORE_VALUE))
+            drawn = (label > 0) & (label != IGNORE_VALUE)
+            fg = np.argwhere(drawn)
             lo, hi = fg.min(0), fg.max(0)
             self.centres.append(((lo[1:] + hi[1:]) // 2) + np.array(self.roi))
             for x in range(image.shape[0]):
                 slices.append((v, x))
-                weights.append(spine_weight if ((label[x] > 0) & (label[x] != IGNORE_VALUE)).any() else 1.0)
+                weights.append(spine_weight if drawn[x].any() else 1.0)
         self.slices = slices
         # two pools, fully and partially annotated scans; a sample is partial with ``partial_fraction``
         weights = np.asarray(weights, dtype=float)
@@ -267,13 +267,12 @@ def main(argv=None) -> None:
             raise SystemExit(f"{split_file} differs from the cases chosen now: refusing to mix splits")
     else:
         split_file.write_text(json.dumps({"train": train_ids, "validation": val_ids}, indent=1))
-    partial = partial_cases(args.data, [p for p in args.partial_sets.split(",") if p])
     print(f"{len(train_ids)} training scans, {len(val_ids)} validation scans: {val_ids}", flush=True)
-
+    partial = partial_cases(args.data, [p for p in args.partial_sets.split(",") if p])
     if partial:
         print(f"{len(partial)} partially annotated scans: {sorted(partial)}", flush=True)
     volumes = [preprocess(args.data, work / "cache", i, plan) for i in train_ids + sorted(partial)]
-    annotations = [Annotation(frozenset(range(1, 12)))] * len(train_ids) + [partial[i] for i in sorted(partial)]
+    annotations = [COMPLETE] * len(train_ids) + [partial[i] for i in sorted(partial)]
     val_records = [{"id": i, "image": str(args.data / "images" / f"{i}.nii.gz"),
                     "label": str(args.data / "labels" / f"{i}.nii.gz")} for i in val_ids]
 
@@ -289,7 +288,7 @@ def main(argv=None) -> None:
         step, best = state["step"], state["best"]
         print(f"resumed at step {step} (best val mean Dice {best:.4f})", flush=True)
     elif args.init:
-        network.load_state_dict(torch.load(args.init, map_location=device))
+        load_weights(network, str(args.init), plan, device)
         print(f"starting from {args.init}", flush=True)
 
     # each resume its own random stream: a resumed run does not repeat the samples it already saw

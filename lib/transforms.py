@@ -103,7 +103,8 @@ class ValidateLabeld(MapTransform):
             label = d[key]
             if not self.keep_ignore:
                 label[label == IGNORE_VALUE] = 0  # in place: keeps the MetaTensor's affine
-            values = torch.unique(torch.as_tensor(label)[torch.as_tensor(label) != IGNORE_VALUE])
+            array = torch.as_tensor(label)
+            values = torch.unique(array[array != IGNORE_VALUE])
             bad = [float(v) for v in values if v < 0 or v >= NUM_CLASSES or v != torch.round(v)]
             if bad:
                 raise InvalidInput(f"{key}: label values {bad} are outside 0..{NUM_CLASSES - 1}")

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from filelock import FileLock
 
-from lib.errors import Conflict, InvalidInput, SpineError
+from lib.errors import Conflict, InvalidInput, PlanMismatch, SpineError
 from lib.io import atomic_copy, atomic_write_text
 from lib.model_store import (DEFAULT_MODEL_DIR, VERSION_METRICS, VERSION_WEIGHTS, file_sha256, model_version,
                              record_path, stored_version, version_id, versions_dir, weights_path)
@@ -186,8 +186,7 @@ def install_starter(model_dir: str, plan: Any, enabled: bool = True) -> Optional
     the shipped folder itself, or when the starter was built for another plan (a test preset,
     the 3D mode). Returns the starter's version metrics when it was installed.
     """
-    from lib.errors import PlanMismatch
-    from lib.networks import check_plan
+    from lib.networks import check_plan  # torch only when a server starts, not for `lib.versions list`
 
     starter = weights_path(str(DEFAULT_MODEL_DIR))
     weights = weights_path(model_dir)

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from lib.errors import PlanMismatch
-from lib.model_store import file_sha256, record_path
 from lib.networks import SagittalSlabNetwork, build_network, check_plan, load_network, load_weights
 from lib.plans import SpinePlan
+from lib.train_recipe import save_weights
 
 TINY = {"preset": "tiny"}
 
 
 def _save(network: torch.nn.Module, path, plan: SpinePlan | None) -> str:
-    torch.save(network.state_dict(), path)
-    if plan is not None:
-        with open(record_path(str(path)), "w") as f:
-            json.dump({"sha256": file_sha256(str(path)), "plan": plan.to_dict()}, f)
+    """Weights, with the record of their plan unless ``plan`` is None."""
+    if plan is None:
+        torch.save(network.state_dict(), path)
+    else:
+        save_weights(network, path, {"plan": plan.to_dict()})
     return str(path)
 
 

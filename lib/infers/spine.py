@@ -25,12 +25,12 @@ from monai.transforms import MapTransform
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from lib.errors import ModelNotTrained, PlanMismatch
+from lib.errors import ModelNotTrained
 from lib.io import unpack_dicom_zip
 from lib.labels import COLORS, LABELS
 from lib.levels import assign_levels
 from lib.model_store import model_version
-from lib.networks import check_plan
+from lib.networks import check_plan, weights_do_not_fit
 from lib.plans import SpinePlan
 from lib.postprocess import clean_label, structure_volumes_ml
 from lib.transforms import discrete_post_transforms, infer_pre_transforms
@@ -115,15 +115,15 @@ class SpineInferTask(BasicInferTask):
         """MONAI Label's per-device network cache; records whether this request had to load it."""
         cached = self._networks.get(device)
         path = self.get_path()
-        if path:
+        reload = path and (cached is None or cached[1] != os.stat(path).st_mtime)  # MONAI Label's own rule
+        if reload:
             check_plan(path, self.plan)
         try:
             network = super()._get_network(device, data)
         except RuntimeError as e:  # a strict load of weights without a recorded plan
-            if "state_dict" not in str(e):
+            if not reload or "state_dict" not in str(e):
                 raise
-            raise PlanMismatch(f"the weights {path} do not fit the {self.plan.network_mode} network of this plan: "
-                               f"they were built for another plan") from None
+            raise weights_do_not_fit(path, self.plan, e) from None
         self._request_state.loaded = cached is None or self._networks.get(device) is not cached
         return network
 
