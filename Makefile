@@ -14,16 +14,17 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-monailabel.txt
+$(STAMP): requirements.txt requirements-monailabel.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "Python 3.11+ is required"'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-monailabel.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation --editable .
 	$(PY) -c 'import monailabel.app, lib.configs.spine' > /dev/null
 	touch $(STAMP)
 
 serve: setup
-	PYTHONPATH=$(CURDIR) $(PY) -m monailabel.main start_server --app apps/spine --studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
+	$(PY) -m monailabel.main start_server --app apps/spine --studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS) tests

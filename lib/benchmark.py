@@ -18,7 +18,7 @@ In one process, with the same weights, on the same real scans:
 * **app steps**: the app with single optimisations turned off (``--conf`` overrides), so
   that each step's time and effect on the output are visible.
 
-Agreement is the mean Dice over the structures present in either label, after the app's
+Agreement is the mean Dice (:mod:`lib.pipeline.metrics`) over the structures present in either label, after the app's
 own clean-up and level assignment are applied to the stock output too (untimed), so that
 it measures the pipelines, not the post-processing; the canal's Dice and the whole
 foreground's are printed beside it (a weakly trained model's level labels flip with
@@ -57,13 +57,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from lib.grouping import decide
-from lib.labels import NUM_CLASSES
-from lib.measure import MemorySampler
-from lib.model_store import DEFAULT_MODEL_DIR, REPO_ROOT, weights_path
-from lib.errors import PlanMismatch
-from lib.networks import build_network, check_plan, load_network
-from lib.plans import SpinePlan
+from lib.pipeline.grouping import decide
+from lib.tools.measure import MemorySampler
+from lib.lifecycle.model_store import DEFAULT_MODEL_DIR, REPO_ROOT, weights_path
+from lib.pipeline.errors import PlanMismatch
+from lib.pipeline.networks import build_network, check_plan, load_network
+from lib.pipeline.plans import SpinePlan
 
 SAMPLE_DATA = REPO_ROOT / "sample-data"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -112,31 +111,17 @@ def cpu_timed(fn: Callable[[], Any]) -> Tuple[Any, float]:
     return result, time.process_time() - start
 
 
-def label_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean Dice over the structures (1..11) present in either of two label maps of one grid."""
-    if a.shape != b.shape:
-        raise ValueError(f"label maps differ in shape: {a.shape} vs {b.shape}")
-    scores = []
-    for value in range(1, NUM_CLASSES):
-        in_a, in_b = a == value, b == value
-        total = int(in_a.sum()) + int(in_b.sum())
-        if total:
-            scores.append(2.0 * int(np.logical_and(in_a, in_b).sum()) / total)
-    return float(np.mean(scores)) if scores else 1.0
-
-
-def mask_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks (1.0 when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 2.0 * int(np.logical_and(a, b).sum()) / total if total else 1.0
-
-
 def agreement_report(a: np.ndarray, b: np.ndarray) -> Dict[str, float]:
-    """Mean structure Dice, and the canal's and the whole foreground's alone."""
-    from lib.labels import CANAL
+    """Dice (:mod:`lib.pipeline.metrics`) of two label maps of one grid: mean over structures, the
+    canal's and the whole foreground's; 1.0 where neither map holds anything to compare."""
+    from lib.pipeline.labels import CANAL
+    from lib.pipeline.metrics import binary_dice, mean_dice
 
-    return {"mean": label_agreement(a, b), "canal": mask_agreement(a == CANAL, b == CANAL),
-            "foreground": mask_agreement(a > 0, b > 0)}
+    def agreed(value) -> float:
+        return 1.0 if value is None or value != value else float(value)
+
+    return {"mean": agreed(mean_dice(a, b)), "canal": agreed(binary_dice(a == CANAL, b == CANAL)),
+            "foreground": agreed(binary_dice(a > 0, b > 0))}
 
 
 # --- scans ----------------------------------------------------------------------------
@@ -150,7 +135,7 @@ def make_full_fov_scan(source: Path, dest: Path, shape=(512, 512, 15), spacing=(
     import nibabel as nib
     from scipy import ndimage
 
-    from lib.io import read_volume
+    from lib.pipeline.io import read_volume
 
     if dest.exists() and dest.stat().st_mtime >= source.stat().st_mtime:
         return dest
@@ -182,7 +167,7 @@ class StockPipeline:
     def __init__(self, network: torch.nn.Module, plan: SpinePlan):
         from monai.transforms import Compose
 
-        from lib.transforms import load_and_resample
+        from lib.pipeline.transforms import load_and_resample
 
         self.network, self.plan = network, plan
         self.pre = Compose(load_and_resample(["image"], plan))
@@ -202,8 +187,8 @@ class StockPipeline:
 
 
 def postprocess_like_app(label: np.ndarray, affine: np.ndarray, plan: SpinePlan) -> np.ndarray:
-    from lib.levels import assign_levels
-    from lib.postprocess import clean_label
+    from lib.pipeline.levels import assign_levels
+    from lib.pipeline.postprocess import clean_label
 
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     return assign_levels(clean_label(label, spacing, plan.min_island_ml), affine)[0]
@@ -211,7 +196,7 @@ def postprocess_like_app(label: np.ndarray, affine: np.ndarray, plan: SpinePlan)
 
 # --- the run ----------------------------------------------------------------------------
 def benchmark_infer(scans: Sequence[Path], model_path: str, conf: Dict[str, str], log=print) -> Dict[str, Any]:
-    from lib.io import read_volume
+    from lib.pipeline.io import read_volume
     from lib.segment import SpineSegmenter
 
     plan = SpinePlan.from_conf(conf)

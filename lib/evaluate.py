@@ -4,9 +4,9 @@
                            [--manifest FILE] [--cases ID ...] [--conf KEY VALUE ...]
 
 What is measured (per case and per structure: L1..L5, the five discs L1-L2..L5-S1, the canal;
-values and names come from :mod:`lib.labels`):
+values and names come from :mod:`lib.pipeline.labels`):
 
-* **Dice** (``monai.metrics.compute_dice``), no unit, 0..1.
+* **Dice** (:mod:`lib.pipeline.metrics`, the project's one Dice), no unit, 0..1.
 * **HD95**: 95th-percentile symmetric Hausdorff distance (``compute_hausdorff_distance``
   with ``percentile=95``: the larger of the two directed 95th percentiles), in **mm**.
 * **ASSD**: average symmetric surface distance (``compute_average_surface_distance`` with
@@ -29,7 +29,7 @@ values and names come from :mod:`lib.labels`):
 
 Rules:
 
-* Reference voxels equal to 255 (:data:`lib.labels.IGNORE_VALUE`) are excluded from every
+* Reference voxels equal to 255 (:data:`lib.pipeline.labels.IGNORE_VALUE`) are excluded from every
   metric: they are set to background in both the reference and the prediction first.
 * Partial annotation: only structures listed in the case's ``annotated_labels`` (manifest)
   are scored, and the prediction's other labels are ignored (set to background), so that
@@ -64,9 +64,10 @@ from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from lib.errors import SpineError
-from lib.io import AFFINE_TOLERANCE_MM, read_volume
-from lib.labels import BACKGROUND, CANAL, COLORS, DISCS, IGNORE_VALUE, NAMES, NUM_CLASSES, STRUCTURES, VERTEBRAE
+from lib.pipeline.errors import SpineError
+from lib.pipeline.io import AFFINE_TOLERANCE_MM, image_id, read_volume, scan_extension
+from lib.pipeline.labels import BACKGROUND, CANAL, COLORS, DISCS, IGNORE_VALUE, NAMES, NUM_CLASSES, STRUCTURES, VERTEBRAE
+from lib.pipeline.metrics import binary_dice
 
 #: the 11 scored structures, in label order
 STRUCTURE_VALUES: Tuple[int, ...] = tuple(s.value for s in STRUCTURES if s.value != BACKGROUND)
@@ -174,18 +175,17 @@ def _boxes(label: np.ndarray) -> Dict[int, Tuple[slice, ...]]:
 def _distances(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> Tuple[float, float, float]:
     """Dice, HD95 (mm), ASSD (mm) of two non-empty binary masks with MONAI's metrics."""
     import torch
-    from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
     p = torch.from_numpy(np.ascontiguousarray(pred))[None, None]
     r = torch.from_numpy(np.ascontiguousarray(ref))[None, None]
     spacing = [float(s) for s in spacing]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dice = float(compute_dice(p, r, include_background=True)[0, 0])
         hd95 = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)[0, 0])
         assd = float(compute_average_surface_distance(p, r, include_background=True, symmetric=True,
                                                       spacing=spacing)[0, 0])
-    return dice, hd95, assd
+    return binary_dice(pred, ref), hd95, assd
 
 
 def _world_z_range(box: Tuple[slice, ...], affine: np.ndarray) -> Tuple[float, float]:
@@ -298,11 +298,11 @@ def _score_structure(v: int, ref: np.ndarray, pred: np.ndarray, ref_boxes, pred_
         row["status"] = "missing"
         row["sensitivity"] = 0.0
         if not body_only:
-            row["dice"] = 0.0
+            row["dice"] = binary_dice(p, r)  # 0 by lib.pipeline.metrics' rules
     else:
         row["status"] = "false_positive"
         if not body_only:
-            row["dice"] = 0.0
+            row["dice"] = binary_dice(p, r)  # 0 by lib.pipeline.metrics' rules
     if n_pred and kind in ("vertebra", "disc"):
         pbox = pred_boxes[v]
         row["duplicated"] = _is_duplicated(pred[pbox] == v, [s.start for s in pbox], affine, voxel_ml)
@@ -703,10 +703,8 @@ def plot_overlay(image: Optional[np.ndarray], reference: np.ndarray, prediction:
 # files and command line
 # ----------------------------------------------------------------------------------------
 def case_id_of(path: Path) -> Optional[str]:
-    for ext in LABEL_EXTENSIONS:
-        if path.name.endswith(ext):
-            return path.name[: -len(ext)]
-    return None
+    """The case id of a label file (:func:`lib.pipeline.io.image_id`); None for other files."""
+    return image_id(path.name) if scan_extension(path.name) in LABEL_EXTENSIONS else None
 
 
 def list_label_files(labels_dir: Path) -> Dict[str, Path]:

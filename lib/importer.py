@@ -308,8 +308,8 @@ def _write_nifti(series_dir: str, studies: str, image_id: str) -> str:
     import nibabel as nib
     import numpy as np
 
-    from lib.datastore import check_name
-    from lib.io import atomic_output, read_volume
+    from lib.server.datastore import check_name
+    from lib.pipeline.io import atomic_output, read_volume
 
     check_name(image_id, "image id")
     os.makedirs(studies, exist_ok=True)
@@ -338,7 +338,7 @@ def main(argv=None) -> int:
                         help="environment variable holding a secret that makes pseudonyms and UIDs repeatable "
                              "across imports (default SPINE_DEID_KEY; unset: random per import)")
     args = parser.parse_args(argv)
-    from lib.errors import SpineError
+    from lib.pipeline.errors import SpineError
 
     key = os.environ.get(args.key_env)
     try:

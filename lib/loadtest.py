@@ -34,7 +34,7 @@ import numpy as np
 import psutil
 import requests
 
-from lib.measure import MemorySampler
+from lib.tools.measure import MemorySampler
 
 MAX_CLIENTS = 64
 MAX_SECONDS = 3600

@@ -13,7 +13,7 @@ clients only (``RemoteAccessAllowed`` false), with HTTP basic authentication; it
 port is off unless ``--dicom-port`` is given.
 
 The server's side of a PACS (``--studies http://127.0.0.1:8042/dicom-web``) is
-:mod:`lib.dicomweb`.
+:mod:`lib.server.dicomweb`.
 """
 
 from __future__ import annotations

@@ -3,17 +3,17 @@
     python -m lib.seed SITE_DIR --studies STUDIES_DIR [--model-dir DIR]
 
 ``SITE_DIR`` holds ``images/<id>.nii.gz`` and ``labels/<id>_seg.nii.gz`` (values of our
-label table, :mod:`lib.labels`; 255 = ignore becomes background) and, optionally,
+label table, :mod:`lib.pipeline.labels`; 255 = ignore becomes background) and, optionally,
 ``splits/train.txt``, ``splits/val.txt`` and ``splits/test.txt`` with one id per line
 (``#`` starts a comment).
 
-Each pair goes in through the datastore (:class:`lib.datastore.SpineDatastore`): the same
+Each pair goes in through the datastore (:class:`lib.server.datastore.SpineDatastore`): the same
 checks as an upload and a label save from Slicer (one readable 3D volume, the label on
 the image's grid, known values, not empty) and the same atomic writes; the label is
 stored as ``final``. A bad pair is skipped with the reason and the others go on; an image
 already in the studies folder is not replaced, nor is a final label it has.
 
-The split lists go into the persisted split (:mod:`lib.splits`, ``model_dir/split.json``):
+The split lists go into the persisted split (:mod:`lib.lifecycle.splits`, ``model_dir/split.json``):
 ``val`` ids are validation images for good, ``test`` ids are never trained or validated
 on; ids on no list are assigned by the usual rule at the next training. Ends with a
 summary; the exit status is 1 when a pair was skipped for a problem.
@@ -31,9 +31,9 @@ from typing import Dict, List, Optional, Sequence
 
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from lib.datastore import SpineDatastore, check_name
-from lib.model_store import model_dir_from_conf
-from lib.splits import assign, read_split, split_path
+from lib.server.datastore import SpineDatastore, check_name
+from lib.lifecycle.model_store import model_dir_from_conf
+from lib.lifecycle.splits import assign, read_split, split_path
 
 logger = logging.getLogger(__name__)
 

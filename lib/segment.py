@@ -20,12 +20,12 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 
-from lib.errors import SpineError
+from lib.pipeline.errors import SpineError
 from lib.infers.spine import SpineInferTask
-from lib.io import SCAN_PATTERNS, read_volume
-from lib.model_store import DEFAULT_MODEL_DIR, weights_path
-from lib.networks import build_network, select_device
-from lib.plans import SpinePlan
+from lib.pipeline.io import SCAN_PATTERNS, image_id, read_volume
+from lib.lifecycle.model_store import DEFAULT_MODEL_DIR, weights_path
+from lib.pipeline.networks import build_network, select_device
+from lib.pipeline.plans import SpinePlan
 
 
 @dataclass
@@ -76,11 +76,7 @@ def find_scans(inputs: Iterable[str]) -> List[Path]:
 
 
 def output_name(scan: Path) -> str:
-    name = scan.name.rstrip("/")
-    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
+    return image_id(str(scan))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

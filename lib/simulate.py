@@ -13,7 +13,7 @@ settings, see :data:`DEFAULT_CONF`). Then the annotator loop:
 1. ask the strategy for the next image (``POST /activelearning/<strategy>``);
 2. save that image's ground-truth mask as its ``final`` label (``PUT /datastore/label``):
    the annotator's perfect correction;
-3. let the automatic retraining (``lib/autotrain.py``) do what it decides: when the save
+3. let the automatic retraining (``lib/lifecycle/autotrain.py``) do what it decides: when the save
    started a run, wait for it to end, then for the epistemic scoring of the new model;
 4. after every training, evaluate the *serving* weights (the version folder's copy of
    ``model_dir/spine.pt``, through :class:`lib.segment.SpineSegmenter` and
@@ -202,8 +202,7 @@ class Server:
             args += ["--conf", key, str(value)]
         self.log_path = workdir / "server.log"
         self.log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(args, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         try:
@@ -350,7 +349,7 @@ class Evaluator:
         if key in self.cache:
             return {**self.cache[key], "eval_seconds": 0.0}
         from lib.evaluate import GROUPS as EVAL_GROUPS, evaluate_case
-        from lib.io import read_volume
+        from lib.pipeline.io import read_volume
         from lib.segment import SpineSegmenter
 
         start = time.perf_counter()

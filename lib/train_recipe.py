@@ -8,17 +8,17 @@ Stages (each with its home):
 1. cases: reliable SPIDER scans (whole vertebrae, all 11 structures annotated), the unreliable
    ones (incomplete canal) left out; with ``--partial-sets fcs_VB3,fcs_IVD`` also sets that
    annotate only some structures (bodies only, discs only), learnt through the marginal loss
-   of :mod:`lib.losses` so that what they leave undrawn is never taught as background;
+   of :mod:`lib.pipeline.losses` so that what they leave undrawn is never taught as background;
 2. a fixed validation split (``--val-count`` reliable SPIDER scans, chosen by a hash of the id)
    that training never sees, written to ``WORK/split.json`` before the first step;
-3. preprocessing: every case through the app's own chain (:func:`lib.transforms.load_and_resample`:
+3. preprocessing: every case through the app's own chain (:func:`lib.pipeline.transforms.load_and_resample`:
    RAS, the plan's spacing, percentile intensities), cached in ``WORK/cache/``;
 4. training on batches of sagittal slabs (:class:`SlabSampler`) drawn from all training scans
-   through :meth:`lib.networks.SagittalSlabNetwork.forward_slabs`: Dice (batch Dice, fully
+   through :meth:`lib.pipeline.networks.SagittalSlabNetwork.forward_slabs`: Dice (batch Dice, fully
    annotated slabs) + marginal cross-entropy (every slab; the plain cross-entropy for a full
    annotation) on the 12 labels, AdamW, linear warm-up then cosine over ``--steps``; a checkpoint every
    ``--checkpoint-every`` steps, so a killed run resumes by running the same command again;
-5. validation every ``--val-every`` steps with the train task's own :func:`lib.trainers.spine.measure`
+5. validation every ``--val-every`` steps with the train task's own :func:`lib.lifecycle.promotion.measure`
    (whole scans, the app's sliding window and label decision); the best weights so far go to
    ``WORK/best/spine.pt`` with their record (plan + metrics), ready to copy into ``model/``.
 
@@ -38,26 +38,18 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 from monai.losses import DiceLoss
-from monai.transforms import (
-    Compose,
-    RandAdjustContrastd,
-    RandAffined,
-    RandBiasFieldd,
-    RandGaussianNoised,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-)
+from monai.transforms import Compose, RandAffined
 from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 
-from lib.labels import IGNORE_VALUE
-from lib.losses import COMPLETE, Annotation, marginal_cross_entropy
-from lib.io import atomic_copy, atomic_output, atomic_write_text
-from lib.model_store import file_sha256, record_path, version_id, weights_path
-from lib.networks import SagittalSlabNetwork, build_network, load_weights, select_device
-from lib.plans import SpinePlan
-from lib.trainers.spine import measure
-from lib.transforms import load_and_resample
+from lib.pipeline.labels import IGNORE_VALUE
+from lib.pipeline.losses import COMPLETE, Annotation, marginal_cross_entropy
+from lib.pipeline.io import atomic_copy, atomic_output, atomic_write_text
+from lib.lifecycle.model_store import file_sha256, record_path, version_id, weights_path
+from lib.pipeline.networks import SagittalSlabNetwork, build_network, load_weights, select_device
+from lib.pipeline.plans import SpinePlan
+from lib.lifecycle.promotion import measure
+from lib.pipeline.transforms import intensity_augmentation, load_and_resample
 
 SPIDER_PREFIX = "spider_"
 
@@ -95,7 +87,7 @@ def preprocess(data: Path, cache: Path, case_id: str, plan: SpinePlan) -> Dict[s
 
 class SlabSampler:
     """Random training samples: ``image`` (slab_size, Y, Z) float32, ``label`` (1, Y, Z) int64,
-    ``annotation`` (what the label draws: :class:`lib.losses.Annotation`).
+    ``annotation`` (what the label draws: :class:`lib.pipeline.losses.Annotation`).
 
     A sample is one sagittal slice of a random training scan (slices that hold labelled
     structures ``spine_weight`` times as likely as others) with its neighbours as channels
@@ -104,7 +96,8 @@ class SlabSampler:
     ``jitter_mm`` in each in-plane direction, so that most windows hold the whole lumbar spine
     with the sacrum (what tells the levels apart) and some cut it, as sliding windows do.
     Left-right flip reverses the neighbour order (never superior-inferior: that defines the
-    levels); then the declarative 2D augmentation (affine, bias field, contrast, noise).
+    levels); then the declarative 2D augmentation: affine, and the intensity augmentation
+    shared with the server's train task (:func:`lib.pipeline.transforms.intensity_augmentation`).
     """
 
     def __init__(self, volumes: List[Dict[str, np.ndarray]], plan: SpinePlan, rng: np.random.Generator,
@@ -139,11 +132,7 @@ class SlabSampler:
         self.augment = Compose([
             RandAffined(keys=["image", "label"], prob=0.5, rotate_range=(math.radians(10),),
                         scale_range=(0.1, 0.1), mode=("bilinear", "nearest"), padding_mode="zeros"),
-            RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.3)),
-            RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5)),
-            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-            RandGaussianNoised(keys="image", prob=0.2, std=0.03),
+            *intensity_augmentation(slice_axis=0),
         ])
 
     def sample(self) -> Dict[str, torch.Tensor]:
@@ -169,7 +158,7 @@ class SlabSampler:
 
 class RecipeLoss:
     """Dice over the fully annotated slabs of a batch (batch Dice, MONAI) + the marginal
-    cross-entropy over all of them (:func:`lib.losses.marginal_cross_entropy`); for a batch of
+    cross-entropy over all of them (:func:`lib.pipeline.losses.marginal_cross_entropy`); for a batch of
     full annotations this is MONAI's DiceCE. Voxels labelled 255 (ignore) count in neither:
     read as background, the T12 vertebra and the T12-L1 disc above L1 look to the network like
     the sacrum below L5-S1, and it learnt to call the L5-S1 disc "L1-L2" (measured, see the

@@ -24,7 +24,6 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(REPO))
 
 
 def missing_dependency(message: str):
@@ -107,8 +106,7 @@ class Server:
             args += ["--conf", key, str(value)]
         self.log_path = workdir / f"server-{self.port}.log"
         self.log = open(self.log_path, "w")
-        # monailabel reads PYTHONPATH when it spawns train/scoring subprocesses
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(args, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         self.wait_ready()

@@ -165,8 +165,8 @@ def nifti(path: Path, array: np.ndarray) -> Path:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from lib.networks import build_network
-    from lib.plans import SpinePlan
+    from lib.pipeline.networks import build_network
+    from lib.pipeline.plans import SpinePlan
 
     root = tmp_path_factory.mktemp("auth")
     studies, model_dir = root / "studies", root / "model"
@@ -356,7 +356,7 @@ def test_an_unreachable_realm_is_503_not_500(monkeypatch):
     from monailabel.config import settings
 
     from conftest import free_port
-    from lib.auth import AccessControl
+    from lib.server.auth import AccessControl
 
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_ENABLE", True)
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_REALM_URI", f"http://127.0.0.1:{free_port()}/realms/gone")

@@ -1,4 +1,4 @@
-"""Retraining on its own (lib/autotrain.py): the decision, the persisted counters, and a
+"""Retraining on its own (lib/lifecycle/autotrain.py): the decision, the persisted counters, and a
 real server that starts a training when the second final label is saved."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import requests
 
 from conftest import Server, reliable_spider_ids, small_scan
-from lib.autotrain import (STATE_FILENAME, AutoTrainer, AutoTrainSettings, AutoTrainState, decide, load_state,
+from lib.lifecycle.autotrain import (STATE_FILENAME, AutoTrainer, AutoTrainSettings, AutoTrainState, decide, load_state,
                            record_run_start, save_state)
-from lib.splits import assign, split_path
+from lib.lifecycle.splits import assign, split_path
 from test_server import put_label  # our label values, no label_info
 
 S = AutoTrainSettings(min_labels=2, new_labels=5)

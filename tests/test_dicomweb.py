@@ -32,7 +32,7 @@ import requests
 
 from conftest import Server, free_port, missing_dependency
 from lib import pacs
-from lib.labels import COLORS, NAMES
+from lib.pipeline.labels import COLORS, NAMES
 
 ORTHANC_USER = "annotator"
 
@@ -57,7 +57,7 @@ def orthanc(tmp_path_factory):
 
 def phantom_series(out_dir: Path, seed: int, modality: str = "MR"):
     """A small phantom written as a DICOM series; returns (series files, image array, label array, affine)."""
-    from lib.dicom import write_dicom_series
+    from lib.pipeline.dicom import write_dicom_series
     from lib.phantom import make_phantom
 
     image, label, affine = make_phantom(seed, shape=(24, 48, 48), spacing=(4.0, 4.0, 4.0), orientation="LPS")
@@ -88,8 +88,8 @@ def start_server(site, cache: Path, conf: dict | None = None) -> Server:
 def site(orthanc, tmp_path_factory):
     import torch
 
-    from lib.networks import build_network
-    from lib.plans import SpinePlan
+    from lib.pipeline.networks import build_network
+    from lib.pipeline.plans import SpinePlan
 
     root = tmp_path_factory.mktemp("pacs-site")
     mr_paths, image, label, affine = phantom_series(root / "mr", seed=3)
@@ -178,7 +178,7 @@ def test_server_lists_the_mr_series_only(site):
 
 
 def test_infer_on_the_pacs_series(site, tmp_path):
-    from lib.io import read_volume
+    from lib.pipeline.io import read_volume
 
     r = requests.post(f"{site['server'].url}/infer/spine", params={"image": site["mr"], "output": "json"},
                       json={}, timeout=600)
@@ -249,8 +249,8 @@ def test_after_a_restart_the_series_counts_as_labelled(site):
 
 
 def test_training_datalist_reads_the_label_back_from_the_seg(site, tmp_path):
-    from lib.dicomweb import init_dicomweb_datastore
-    from lib.io import read_volume
+    from lib.server.dicomweb import init_dicomweb_datastore
+    from lib.pipeline.io import read_volume
 
     with pytest.MonkeyPatch.context() as mp:
         for key, value in server_env(site["orthanc"], tmp_path / "cache").items():
@@ -274,7 +274,7 @@ def test_training_datalist_reads_the_label_back_from_the_seg(site, tmp_path):
 def test_search_filter_default_and_override(monkeypatch):
     from monailabel.config import settings
 
-    from lib.dicomweb import search_filter
+    from lib.server.dicomweb import search_filter
 
     monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_SEARCH_FILTER", {"Modality": "CT"})  # MONAI Label's default
     assert search_filter() == {"Modality": "MR"}
@@ -398,7 +398,7 @@ def test_ohif_monai_label_panel_runs_the_auto_segmentation(site, tmp_path):
     as the server's own ``/infer/spine`` result, and the overlay drawn in the viewports."""
     from cdp import Browser
 
-    from lib.io import read_volume
+    from lib.pipeline.io import read_volume
 
     url, mr = site["server"].url, pydicom.Dataset.from_json(qido(site["orthanc"], SeriesInstanceUID=site["mr"])[0])
     n = site["image"].shape[2]

@@ -21,10 +21,10 @@ import torch
 
 from conftest import REPO, reliable_spider_ids, shared_data, small_scan
 from lib.evaluate import CaseInfo, EvaluationError, case_info_from_entry, evaluate_case, load_manifest, main
-from lib.io import write_label
-from lib.labels import CANAL, DISCS, IGNORE_VALUE, NAMES, VERTEBRAE
-from lib.networks import build_network
-from lib.plans import SpinePlan
+from lib.pipeline.io import write_label
+from lib.pipeline.labels import CANAL, DISCS, IGNORE_VALUE, NAMES, VERTEBRAE
+from lib.pipeline.networks import build_network
+from lib.pipeline.plans import SpinePlan
 
 L2, L3, L4 = VERTEBRAE[1], VERTEBRAE[2], VERTEBRAE[3]
 STRUCTURES = VERTEBRAE + DISCS + (CANAL,)

@@ -1,4 +1,4 @@
-"""Kind-first label decision and the kind-aware loss (lib/grouping.py)."""
+"""Kind-first label decision and the kind-aware loss (lib/pipeline/grouping.py)."""
 
 import numpy as np
 import pytest
@@ -6,10 +6,10 @@ import torch
 from monai.data import MetaTensor
 from monai.losses import DiceCELoss
 
-from lib.grouping import KindAwareLoss, StructureDecisiond, decide, kind_logits, kind_of_label, structure_argmax
-from lib.labels import CANAL, DISCS, KIND_INDEX, KINDS, NUM_CLASSES, VERTEBRAE
-from lib.plans import SpinePlan
-from lib.transforms import discrete_post_transforms
+from lib.pipeline.grouping import KindAwareLoss, StructureDecisiond, decide, kind_logits, kind_of_label, structure_argmax
+from lib.pipeline.labels import CANAL, DISCS, KIND_INDEX, KINDS, NUM_CLASSES, VERTEBRAE
+from lib.pipeline.plans import SpinePlan
+from lib.pipeline.transforms import discrete_post_transforms
 
 
 def _logits_from_probabilities(*voxels):

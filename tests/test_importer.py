@@ -76,7 +76,7 @@ NESTED = {
 
 def identified_series(out_dir: Path):
     """A phantom series with identifiers everywhere; returns (paths, original UIDs, image, affine)."""
-    from lib.dicom import write_dicom_series
+    from lib.pipeline.dicom import write_dicom_series
     from lib.phantom import make_phantom
 
     image, _, affine = make_phantom(5, shape=(20, 40, 40), spacing=(4.0, 4.0, 4.0), orientation="LPS")
@@ -177,7 +177,7 @@ def test_deidentified_files_hold_no_original_value(original, tmp_path):
 
 
 def test_the_series_stays_one_series_with_consistent_new_uids(original, tmp_path):
-    from lib.io import read_volume
+    from lib.pipeline.io import read_volume
 
     out = importer.deidentify_series(original["paths"], str(tmp_path / "out"), importer.Deidentifier())
     datasets = sorted((pydicom.dcmread(p) for p in out), key=lambda d: int(d.InstanceNumber))
@@ -211,7 +211,7 @@ def test_burned_in_annotation_is_refused(original, tmp_path):
 
 
 def run_cli(*args, env=None):
-    env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "lib.importer", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 

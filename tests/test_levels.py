@@ -1,4 +1,4 @@
-"""Tests of lib.levels.assign_levels on real reference masks (../shared/data).
+"""Tests of lib.pipeline.levels.assign_levels on real reference masks (../shared/data).
 
 Every expected result follows from the input: a reference mask is damaged in a known
 way (levels permuted, a level deleted, an extra vertebra added, a disc moved, the array
@@ -8,7 +8,6 @@ reoriented) and the output is compared with the undamaged reference.
 from __future__ import annotations
 
 import json
-import sys
 import zlib
 from pathlib import Path
 
@@ -17,13 +16,11 @@ import pytest
 from scipy import ndimage as ndi
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not add the repo root
-    sys.path.insert(0, str(REPO))
 
 from conftest import missing_dependency  # noqa: E402
-from lib.errors import InvalidInput  # noqa: E402
-from lib.labels import CANAL, DISCS, IGNORE_VALUE, LABELS, NAMES, VERTEBRAE  # noqa: E402
-from lib.levels import assign_levels  # noqa: E402
+from lib.pipeline.errors import InvalidInput  # noqa: E402
+from lib.pipeline.labels import CANAL, DISCS, IGNORE_VALUE, LABELS, NAMES, VERTEBRAE  # noqa: E402
+from lib.pipeline.levels import assign_levels  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 

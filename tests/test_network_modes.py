@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib.errors import PlanMismatch
-from lib.networks import SagittalSlabNetwork, build_network, check_plan, load_network, load_weights
-from lib.plans import SpinePlan
+from lib.pipeline.errors import PlanMismatch
+from lib.pipeline.networks import SagittalSlabNetwork, build_network, check_plan, load_network, load_weights
+from lib.pipeline.plans import SpinePlan
 from lib.train_recipe import save_weights
 
 TINY = {"preset": "tiny"}

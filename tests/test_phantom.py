@@ -1,4 +1,4 @@
-"""Checks of the synthetic lumbar phantoms (lib/phantom.py), derived from the generated data.
+"""Checks of the synthetic lumbar phantoms (lib/phantom/), derived from the generated data.
 
 Everything is measured in world (RAS, mm) coordinates through the affine, so the same
 assertions hold whatever voxel orientation the phantom was stored in.
@@ -14,7 +14,7 @@ import pytest
 from scipy import ndimage
 
 from lib import phantom
-from lib.labels import CANAL, DISCS, NAMES, VERTEBRAE, disc_between
+from lib.pipeline.labels import CANAL, DISCS, NAMES, VERTEBRAE, disc_between
 
 FULL = np.ones((3, 3, 3), bool)  # 26-connectivity
 

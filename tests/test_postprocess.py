@@ -1,9 +1,8 @@
-"""Tests of lib.postprocess on real reference masks (../shared/data) with known damage added."""
+"""Tests of lib.pipeline.postprocess on real reference masks (../shared/data) with known damage added."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +10,11 @@ import pytest
 from scipy import ndimage as ndi
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not add the repo root
-    sys.path.insert(0, str(REPO))
 
 from conftest import missing_dependency  # noqa: E402
-from lib.errors import InvalidInput  # noqa: E402
-from lib.labels import CANAL, DISCS, IGNORE_VALUE, NAMES, VERTEBRAE  # noqa: E402
-from lib.postprocess import clean_label, structure_volumes_ml  # noqa: E402
+from lib.pipeline.errors import InvalidInput  # noqa: E402
+from lib.pipeline.labels import CANAL, DISCS, IGNORE_VALUE, NAMES, VERTEBRAE  # noqa: E402
+from lib.pipeline.postprocess import clean_label, structure_volumes_ml  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 

@@ -28,7 +28,7 @@ import requests
 import torch
 
 from conftest import REPO, Server, snapshot
-from lib.io import atomic_output, atomic_write_text, remove_stale_partials
+from lib.pipeline.io import atomic_output, atomic_write_text, remove_stale_partials
 
 TOKEN = "escape7f3a"  # every trick names this: a file with it anywhere means something got out
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -51,8 +51,8 @@ def scan(shape=(40, 40, 20), seed=0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from lib.networks import build_network
-    from lib.plans import SpinePlan
+    from lib.pipeline.networks import build_network
+    from lib.pipeline.plans import SpinePlan
 
     root = tmp_path_factory.mktemp("reliability")
     sandbox, model_dir, files = root / "sandbox", root / "model", root / "files"
@@ -250,7 +250,7 @@ def dicom_zip(folder: Path, rows_columns=None) -> Path:
     """A zipped MR series of ``scan()``; ``rows_columns``: what every slice's header claims instead."""
     import pydicom
 
-    from lib.dicom import write_dicom_series
+    from lib.pipeline.dicom import write_dicom_series
 
     series = folder / "series"
     paths = write_dicom_series(scan(seed=9), AFFINE, str(series))
@@ -330,7 +330,7 @@ def test_killed_writer_leaves_the_old_file(tmp_path):
     """SIGKILL between write and rename: the old label stays; the leftover is hidden and cleaned."""
     dest = tmp_path / "scan_a.nii.gz"
     dest.write_bytes(b"old label")
-    code = (f"import os, signal\nfrom lib.io import atomic_output\n"
+    code = (f"import os, signal\nfrom lib.pipeline.io import atomic_output\n"
             f"with atomic_output({str(dest)!r}) as tmp:\n"
             f"    open(tmp, 'wb').write(b'new label, half written')\n"
             f"    os.kill(os.getpid(), signal.SIGKILL)\n")

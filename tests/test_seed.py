@@ -14,8 +14,8 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.tasks.train.basic_train import Context
 
 from conftest import REPO, reliable_spider_ids, small_scan
-from lib.autotrain import AutoTrainer, AutoTrainSettings
-from lib.plans import SpinePlan
+from lib.lifecycle.autotrain import AutoTrainer, AutoTrainSettings
+from lib.pipeline.plans import SpinePlan
 from lib.trainers.spine import SpineTrainTask
 
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from conftest import REPO, reliable_spider_ids, small_scan
-from lib.dicom import write_dicom_series
-from lib.errors import InvalidInput, ModelNotTrained
-from lib.io import read_volume
-from lib.networks import build_network
-from lib.plans import SpinePlan
+from lib.pipeline.dicom import write_dicom_series
+from lib.pipeline.errors import InvalidInput, ModelNotTrained
+from lib.pipeline.io import read_volume
+from lib.pipeline.networks import build_network
+from lib.pipeline.plans import SpinePlan
 from lib.segment import SpineSegmenter
 
 TINY = {"preset": "tiny"}

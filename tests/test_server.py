@@ -19,8 +19,8 @@ import requests
 from monailabel.client import MONAILabelClient
 
 from conftest import Server, reliable_spider_ids, small_scan, snapshot
-from lib.labels import LABELS, NAMES, NUM_CLASSES
-from lib.model_store import model_version
+from lib.pipeline.labels import LABELS, NAMES, NUM_CLASSES
+from lib.lifecycle.model_store import model_version
 
 ORIENTATIONS = ["LPS", "PIR", "RAS"]
 
@@ -249,8 +249,8 @@ def test_infer_on_nrrd(site, tmp_path):
 
 
 def test_infer_on_a_zipped_dicom_series(site, tmp_path):
-    from lib.dicom import write_dicom_series
-    from lib.io import read_volume
+    from lib.pipeline.dicom import write_dicom_series
+    from lib.pipeline.io import read_volume
 
     case_id = site["cases"][2]
     array, affine = read_volume(site["reference"] / f"{case_id}.nii.gz")
@@ -311,8 +311,8 @@ def test_infer_uses_the_weights_published_by_training(site, tmp_path):
     give in this process, and differs from what other weights of the same plan give."""
     import torch
 
-    from lib.networks import build_network
-    from lib.plans import SpinePlan
+    from lib.pipeline.networks import build_network
+    from lib.pipeline.plans import SpinePlan
     from lib.segment import SpineSegmenter
 
     weights = site["model_dir"] / "spine.pt"

@@ -10,11 +10,11 @@ import pytest
 import torch
 from monai.transforms import Compose
 
-from lib.benchmark import agreement_report, label_agreement, make_full_fov_scan
-from lib.io import read_volume
-from lib.labels import NUM_CLASSES
-from lib.networks import FusedWindowAttention, build_network, enable_mc_dropout
-from lib.plans import SpinePlan
+from lib.benchmark import make_full_fov_scan
+from lib.pipeline.io import read_volume
+from lib.pipeline.labels import NUM_CLASSES
+from lib.pipeline.networks import FusedWindowAttention, build_network, enable_mc_dropout
+from lib.pipeline.plans import SpinePlan
 from lib.scoring.epistemic import (
     EpistemicScorer,
     RunningMutualInformation,
@@ -23,7 +23,7 @@ from lib.scoring.epistemic import (
     sample_stack,
 )
 from lib.segment import SpineSegmenter
-from lib.transforms import body_mask, infer_pre_transforms
+from lib.pipeline.transforms import body_mask, infer_pre_transforms
 
 TINY = {"preset": "tiny"}
 
@@ -107,20 +107,6 @@ def test_full_fov_scan_geometry(tmp_path):
     src_centre = src_affine[:3, :3] @ ((np.array(src.shape) - 1) / 2) + src_affine[:3, 3]
     assert np.allclose(centre, src_centre)
     assert data.max() > 250  # the body is inside the field of view
-
-
-def test_label_agreement():
-    a = np.zeros((4, 4, 4), np.uint8)
-    a[:2] = 1
-    b = a.copy()
-    assert label_agreement(a, b) == 1.0
-    b[:, :, :2] = 0  # half of structure 1 lost
-    assert label_agreement(a, b) == pytest.approx(2 * 16 / (32 + 16))
-    b[3, 3, 3] = 11  # a structure only in one
-    assert label_agreement(a, b) == pytest.approx((2 * 16 / 48 + 0) / 2)
-    report = agreement_report(a, b)
-    assert report["mean"] == label_agreement(a, b)
-    assert report["canal"] == 0.0 and report["foreground"] == pytest.approx(2 * 16 / (32 + 17))
 
 
 def test_sample_stack_is_the_dropout_passes_as_one_batch():

@@ -19,8 +19,8 @@ import requests
 from monailabel.client import MONAILabelClient
 
 from conftest import REPO, Server, shared_data, small_scan
-from lib.model_store import file_sha256, weights_path
-from lib.plans import SpinePlan
+from lib.lifecycle.model_store import file_sha256, weights_path
+from lib.pipeline.plans import SpinePlan
 
 STARTER = REPO / "model" / "spine.pt"
 SAMPLE = "spider_98_t2_SPACE"  # in sample-data/, with its reference mask in the development data

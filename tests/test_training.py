@@ -8,8 +8,8 @@ import shutil
 from monailabel.datastore.local import LocalDatastore
 
 from conftest import reliable_spider_ids, small_scan
-from lib.model_store import file_sha256
-from lib.plans import SpinePlan
+from lib.lifecycle.model_store import file_sha256
+from lib.pipeline.plans import SpinePlan
 from lib.trainers.spine import SpineTrainTask
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import reliable_spider_ids, small_scan
-from lib.errors import InvalidInput
-from lib.io import conform_label, read_volume, remap_to_label_table
-from lib.labels import CANAL, DISCS, LABELS, NAMES, VERTEBRAE, disc_between, value_of
-from lib.plans import SpinePlan
-from lib.splits import update_split
+from lib.pipeline.errors import InvalidInput
+from lib.pipeline.io import conform_label, read_volume, remap_to_label_table
+from lib.pipeline.labels import CANAL, DISCS, LABELS, NAMES, VERTEBRAE, disc_between, value_of
+from lib.pipeline.plans import SpinePlan
+from lib.lifecycle.splits import update_split
 
 
 def test_label_table_is_contiguous_and_complete():
@@ -89,7 +89,7 @@ def test_split_is_persistent_and_grows(tmp_path):
 
 
 def test_dicom_series_round_trip(tmp_path):
-    from lib.dicom import write_dicom_series
+    from lib.pipeline.dicom import write_dicom_series
 
     image, _ = small_scan(reliable_spider_ids()[0], tmp_path, axcodes="LPS")
     array, affine = read_volume(image)

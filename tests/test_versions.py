@@ -1,4 +1,4 @@
-"""Model versions against a real server over HTTP (lib/versions.py, lib/admin.py, the train
+"""Model versions against a real server over HTTP (lib/lifecycle/versions.py, lib/server/admin.py, the train
 task's ServingGuard): every run leaves a version; a worse one (trained on corrupted labels)
 does not serve; the serving model is measured again when the validation images change;
 rollback over HTTP and from the command line; scores follow the model; a restart keeps it all.
@@ -21,9 +21,9 @@ import requests
 from monailabel.client import MONAILabelClient
 
 from conftest import REPO, Server, reliable_spider_ids, small_scan
-from lib.io import write_label
-from lib.labels import NAMES
-from lib.model_store import file_sha256, model_version
+from lib.pipeline.io import write_label
+from lib.pipeline.labels import NAMES
+from lib.lifecycle.model_store import file_sha256, model_version
 from lib.scoring.epistemic import SCORE_KEY
 from test_server import put_label
 

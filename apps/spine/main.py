@@ -5,19 +5,13 @@
 
 import logging
 import os
-import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # the server imports this file by path, also from other folders
-    sys.path.insert(0, str(REPO_ROOT))
+from monailabel.interfaces.app import MONAILabelApp
 
-from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
-
-from lib.server import SpineServerMixin  # noqa: E402
-from lib.configs.spine import SpineConfig  # noqa: E402
-from lib.labels import LABELS  # noqa: E402
-from lib.model_store import MODEL_NAME, model_dir_from_conf  # noqa: E402
+from lib.server.app import SpineServerMixin
+from lib.configs.spine import SpineConfig
+from lib.pipeline.labels import LABELS
+from lib.lifecycle.model_store import MODEL_NAME, model_dir_from_conf
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Stages (one code path for the server, ``SpineSegmenter`` and ``python -m lib.seg
 2. sliding-window SwinUNETR, logits ``(12, X, Y, Z)``;
 3. invert orientation + spacing on the logits (bilinear), so the argmax happens on the
    scan's grid: the label has exactly the input's shape and affine;
-4. post: the plan's label decision (argmax, or kind first: :mod:`lib.grouping`), clean-up
+4. post: the plan's label decision (argmax, or kind first: :mod:`lib.pipeline.grouping`), clean-up
    per structure, level assignment; the result JSON carries label names, volumes (mL) and
    the level-consistency report.
 """
@@ -25,15 +25,15 @@ from monai.transforms import MapTransform
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from lib.errors import ModelNotTrained
-from lib.io import unpack_dicom_zip
-from lib.labels import COLORS, LABELS
-from lib.levels import assign_levels
-from lib.model_store import model_version
-from lib.networks import check_plan, weights_do_not_fit
-from lib.plans import SpinePlan
-from lib.postprocess import clean_label, structure_volumes_ml
-from lib.transforms import discrete_post_transforms, infer_pre_transforms
+from lib.pipeline.errors import ModelNotTrained
+from lib.pipeline.io import unpack_dicom_zip
+from lib.pipeline.labels import COLORS, LABELS
+from lib.pipeline.levels import assign_levels
+from lib.lifecycle.model_store import model_version
+from lib.pipeline.networks import check_plan, weights_do_not_fit
+from lib.pipeline.plans import SpinePlan
+from lib.pipeline.postprocess import clean_label, structure_volumes_ml
+from lib.pipeline.transforms import discrete_post_transforms, infer_pre_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class SpinePostprocessd(MapTransform):
     """Clean-up + level assignment on ``pred`` (X, Y, Z) uint8 in the scan's own grid.
 
     Writes ``result``: ``volumes_ml`` per structure and ``levels`` (the report of
-    :func:`lib.levels.assign_levels`).
+    :func:`lib.pipeline.levels.assign_levels`).
     """
 
     def __init__(self, plan: SpinePlan, key: str = "pred", result_key: str = "result"):

@@ -41,11 +41,11 @@ from monai.transforms import Compose
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from lib.grouping import decide
-from lib.model_store import model_version, weights_path
-from lib.networks import enable_mc_dropout, load_network, select_device
-from lib.plans import SpinePlan
-from lib.transforms import infer_pre_transforms
+from lib.pipeline.grouping import decide
+from lib.lifecycle.model_store import model_version, weights_path
+from lib.pipeline.networks import enable_mc_dropout, load_network, select_device
+from lib.pipeline.plans import SpinePlan
+from lib.pipeline.transforms import infer_pre_transforms
 
 logger = logging.getLogger(__name__)
 

@@ -1,57 +1,49 @@
 """The ``spine`` train task: fine-tune SwinUNETR on every image with a ``final`` label.
 
 Recipe (all numbers from the plan): DiceCE (or DiceFocal) with optional class weights, plus
-the same loss on the four structure kinds (:class:`lib.grouping.KindAwareLoss`),
+the same loss on the four structure kinds (:class:`lib.pipeline.grouping.KindAwareLoss`),
 AdamW, linear warm-up then cosine decay (per epoch), sliding-window validation with
 mean Dice over the 11 structures, early stopping on it, AMP only on CUDA, CacheDataset,
 TensorBoard events in the run folder, ``train_stats.json`` for Slicer's progress bar.
-The train/validation split is persisted (:mod:`lib.splits`); test images are left out.
+The train/validation split is persisted (:mod:`lib.lifecycle.splits`); test images are left out.
 
-When the run ends its best checkpoint becomes a version (:mod:`lib.versions`), measured
-by :func:`measure` (mean and per-structure Dice) on the validation images, and serves
-only if it does at least as well as the serving model on the same images
-(:class:`ServingGuard`).
+When the run ends its best checkpoint becomes a version, measured on the validation images,
+and serves only if it does at least as well as the serving model on the same images
+(:class:`lib.lifecycle.promotion.ServingGuard`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
-from monai.handlers import LrScheduleHandler, MeanDice, from_engine
+from monai.handlers import LrScheduleHandler
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss, DiceFocalLoss
 from monai.optimizers import WarmupCosineSchedule
-from monai.transforms import AsDiscreted, Compose, Lambdad
+from monai.transforms import Lambdad
 from monai.utils import set_determinism
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from lib import versions
-from lib.autotrain import record_run_start
-from lib.grouping import KindAwareLoss, decide
-from lib.labels import BACKGROUND, IGNORE_VALUE, LABELS, NAMES, NUM_CLASSES
-from lib.model_store import file_sha256, model_version, runs_dir, weights_path
-from lib.networks import build_network, check_plan, load_network
-from lib.plans import SpinePlan
-from lib import splits
-from lib.splits import split_path, test_ids, update_split
-from lib.transforms import train_pre_transforms, val_pre_transforms
+from lib.lifecycle.autotrain import record_run_start
+from lib.lifecycle.model_store import runs_dir, weights_path
+from lib.lifecycle.promotion import ServingGuard
+from lib.lifecycle.splits import split_path, test_ids, update_split
+from lib.pipeline.grouping import KindAwareLoss, decide
+from lib.pipeline.io import image_id
+from lib.pipeline.labels import LABELS, NUM_CLASSES
+from lib.pipeline.metrics import dice_handler
+from lib.pipeline.networks import build_network, check_plan
+from lib.pipeline.plans import SpinePlan
+from lib.pipeline.transforms import train_pre_transforms, val_pre_transforms
 
 logger = logging.getLogger(__name__)
 
-SPLIT_FILENAME = splits.SPLIT_FILENAME  # its home is lib.splits; named here too for lib.train_recipe
-
-
 def image_key(record: Dict[str, Any]) -> str:
-    """Datastore image id of a datalist record (the file name without its extension)."""
-    name = os.path.basename(str(record["image"]).rstrip("/"))
-    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".zip"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
+    """Datastore image id of a datalist record (:func:`lib.pipeline.io.image_id` of its image)."""
+    return image_id(str(record["image"]))
 
 
 class SpineTrainTask(BasicTrainTask):
@@ -120,7 +112,7 @@ class SpineTrainTask(BasicTrainTask):
         return [dict(r, id=image_key(r)) for r in datastore.datalist()]
 
     def partition_datalist(self, context: Context, shuffle=False):
-        """The persisted split (:func:`lib.splits.update_split`); test images are in neither list."""
+        """The persisted split (:func:`lib.lifecycle.splits.update_split`); test images are in neither list."""
         records = {r["id"]: r for r in context.datalist}
         train_ids, val_ids = update_split(self.split_path, records, self.plan.val_fraction)
         held_out = len(set(records) & set(test_ids(self.split_path)))
@@ -132,13 +124,13 @@ class SpineTrainTask(BasicTrainTask):
         return train_pre_transforms(self.plan)
 
     def val_pre_transforms(self, context: Context):
-        return val_pre_transforms(self.plan)
+        return val_pre_transforms(self.plan, keep_ignore=True)  # lib.pipeline.metrics leaves 255 out
 
     def train_post_transforms(self, context: Context):
-        return _onehot_post_transforms(self.plan)
+        return _label_post_transforms(self.plan)
 
     def val_post_transforms(self, context: Context):
-        return _onehot_post_transforms(self.plan)
+        return _label_post_transforms(self.plan)
 
     def val_inferer(self, context: Context):
         return SlidingWindowInferer(
@@ -147,10 +139,10 @@ class SpineTrainTask(BasicTrainTask):
         )
 
     def train_key_metric(self, context: Context):
-        return {"train_mean_dice": MeanDice(output_transform=from_engine(["pred", "label"]), include_background=False)}
+        return {"train_mean_dice": dice_handler()}
 
     def val_key_metric(self, context: Context):
-        return {"val_mean_dice": MeanDice(output_transform=from_engine(["pred", "label"]), include_background=False)}
+        return {"val_mean_dice": dice_handler()}
 
     def load_path(self, output_dir, pretrained=True):
         # fine-tune from what is serving now; from scratch when nothing is (bootstrap)
@@ -190,152 +182,7 @@ class SpineTrainTask(BasicTrainTask):
         return stats
 
 
-def dice_per_structure(pred: torch.Tensor, label: torch.Tensor) -> Dict[str, Optional[float]]:
-    """Dice of each structure (by name) between two label maps; ``None`` where it is in neither."""
-    scores: Dict[str, Optional[float]] = {}
-    for value in range(NUM_CLASSES):
-        if value == BACKGROUND:
-            continue
-        p, t = pred == value, label == value
-        total = int(p.sum()) + int(t.sum())
-        scores[NAMES[value]] = None if total == 0 else 2.0 * int((p & t).sum()) / total
-    return scores
-
-
-def measure(weights: str, records: Sequence[Dict[str, Any]], plan: SpinePlan, device: torch.device | str = "cpu",
-            run_id: Optional[str] = None) -> Dict[str, Any]:
-    """Mean and per-structure validation Dice of ``weights`` on ``records`` (image + label).
-
-    One code path for the candidate and the serving model, so that they are compared on
-    equal terms: the validation transforms, sliding-window inference, the plan's label decision, Dice per
-    structure in model space. A structure's Dice is its mean over the images that contain
-    it (in the reference or the prediction); the mean Dice is the mean over structures.
-    Reference voxels of 255 (ignore) count for neither the reference nor the prediction.
-    """
-    network = load_network(plan, weights, device)
-    pre = Compose(val_pre_transforms(plan, keep_ignore=True))
-    inferer = SlidingWindowInferer(roi_size=plan.roi_size, sw_batch_size=plan.sw_batch_size, overlap=plan.sw_overlap,
-                                   mode="gaussian")
-    per_image: List[Dict[str, Optional[float]]] = []
-    with torch.no_grad():
-        for record in records:
-            data = pre({"image": record["image"], "label": record["label"]})
-            logits = inferer(data["image"][None].to(device), network)
-            pred = decide(logits[0], plan.label_decision, dim=0).cpu()
-            label = data["label"][0].round().long()
-            ignore = label == IGNORE_VALUE
-            per_image.append(dice_per_structure(pred.masked_fill(ignore, BACKGROUND), label.masked_fill(ignore, BACKGROUND)))
-    per_structure: Dict[str, Optional[float]] = {}
-    for name in (NAMES[v] for v in range(NUM_CLASSES) if v != BACKGROUND):
-        values = [d[name] for d in per_image if d[name] is not None]
-        per_structure[name] = sum(values) / len(values) if values else None
-    present = [v for v in per_structure.values() if v is not None]
-    return {
-        "val_mean_dice": sum(present) / len(present) if present else None,
-        "per_structure_dice": per_structure,
-        "validation_ids": sorted(r["id"] for r in records),
-        "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "run_id": run_id,
-    }
-
-
-class ServingGuard:
-    """At the end of a run: store its best checkpoint as a version, and let it serve only if
-    its mean validation Dice is at least the serving model's on the *same* images.
-
-    The serving model's measurement lives in its record (``spine.json``); when the
-    validation images changed since it was measured (new validation labels, a seeded
-    validation list), the serving model is measured again on the current ones first.
-    """
-
-    ATTEMPTS = 3  # a rollback during the comparison means measuring the new serving model
-
-    def __init__(self, task: "SpineTrainTask", context: Context):
-        self.task, self.context = task, context
-        self.model_dir = task.model_dir
-        self.val_records = list(context.val_datalist)
-        self.val_ids = sorted(r["id"] for r in self.val_records)
-        self.parent = self._parent()  # finalize runs after the checkpoint to fine-tune from was loaded
-
-    def _measure(self, weights: str) -> Dict[str, Any]:
-        if not self.val_records:
-            return {"val_mean_dice": None, "per_structure_dice": {}, "validation_ids": [],
-                    "measured": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": self.context.run_id}
-        return measure(weights, self.val_records, self.task.plan, self.context.device, self.context.run_id)
-
-    def _serving_measured(self) -> Dict[str, Any]:
-        """The serving record, measured on the current validation images (``{}``: none serves)."""
-        record = versions.serving_record(self.model_dir)
-        if (not record or not self.val_ids
-                or (sorted(record.get("validation_ids") or []) == self.val_ids and record.get("val_mean_dice") is not None)):
-            return record
-        logger.info(f"Validation images changed since serving model {record['version']} was measured: "
-                    f"measuring it on the current {len(self.val_ids)}")
-        measurement = self._measure(weights_path(self.model_dir))
-        versions.remeasure_serving(self.model_dir, record["sha256"], measurement)
-        return versions.serving_record(self.model_dir)
-
-    def conclude(self) -> Optional[Dict[str, Any]]:
-        """Register the run's candidate and promote it or not; returns its version's metrics."""
-        context = self.context
-        candidate = os.path.join(context.output_dir, self.task._key_metric_filename)
-        if not os.path.exists(candidate) or os.path.getmtime(candidate) < context.start_ts:
-            logger.warning(f"Run {context.run_id} saved no checkpoint: no candidate version")
-            return None
-        current = versions.serving_record(self.model_dir)
-        if current and file_sha256(candidate) == current.get("sha256"):
-            # e.g. the first validation (warm-up: learning rate 0) was the run's best
-            reason = "the run's best checkpoint is the serving model itself: nothing to promote"
-            logger.info(f"Run {context.run_id}: {reason}")
-            with versions.lock(self.model_dir):
-                versions.add_event(self.model_dir, "unchanged", current["version"], reason=reason,
-                                   by=f"run {context.run_id}")
-            return {**current, "promoted": False, "decision": reason}
-        measured = self._measure(candidate)
-        trainer = context.trainer
-        facts = {"source": "training", "run_id": context.run_id, **measured, "plan": self.task.plan.to_dict(),
-                 "train_images": len(context.train_datalist), "val_images": len(self.val_records),
-                 "epochs": int(trainer.state.epoch) if trainer is not None else None,
-                 "trained_from": self.parent}
-        for attempt in range(self.ATTEMPTS):
-            serving = self._serving_measured()
-            with versions.lock(self.model_dir):
-                current = versions.serving_record(self.model_dir)
-                same = current.get("sha256") == serving.get("sha256") and (
-                    not current or not self.val_ids or sorted(current.get("validation_ids") or []) == self.val_ids)
-                if not same and attempt + 1 < self.ATTEMPTS:
-                    continue  # a rollback came in between: measure what serves now
-                if same:
-                    promote, reason = versions.compare(measured, current)
-                else:
-                    promote, reason = False, "the serving model kept changing during the comparison: it stays"
-                compared = ({"version": current.get("version"), "val_mean_dice": current.get("val_mean_dice")}
-                            if current else None)
-                metrics = versions.register(self.model_dir, candidate,
-                                            {**facts, "promoted": promote, "decision": reason,
-                                             "compared_with": compared})
-                if promote:
-                    versions.serve(self.model_dir, metrics["version"], "promoted", reason, by=f"run {context.run_id}")
-                else:
-                    versions.add_event(self.model_dir, "rejected", metrics["version"],
-                                       previous=current.get("version"), reason=reason, by=f"run {context.run_id}")
-                    logger.info(f"Candidate {metrics['version']} not promoted ({reason}): "
-                                f"{current.get('version')} keeps serving")
-                return metrics
-        return None
-
-    def _parent(self) -> Optional[str]:
-        """The version this run fine-tunes from (None: from scratch)."""
-        path = self.task.load_path(self.context.output_dir, self.context.pretrained)
-        try:
-            return model_version(path) if path else None
-        except OSError:
-            return None
-
-
-def _onehot_post_transforms(plan: SpinePlan) -> List[Any]:
-    """Logits and label -> one-hot maps for MeanDice, by the decision the user gets."""
-    return [
-        Lambdad(keys="pred", func=lambda logits: decide(logits, plan.label_decision, dim=0)[None]),
-        AsDiscreted(keys=("pred", "label"), to_onehot=(NUM_CLASSES, NUM_CLASSES)),
-    ]
+def _label_post_transforms(plan: SpinePlan) -> List[Any]:
+    """Logits -> the label map ``(1, *spatial)`` the user gets (the plan's decision), for
+    :func:`lib.pipeline.metrics.dice_handler`; ``label`` stays a label map (255 kept)."""
+    return [Lambdad(keys="pred", func=lambda logits: decide(logits, plan.label_decision, dim=0)[None])]

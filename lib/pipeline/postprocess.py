@@ -1,7 +1,7 @@
 """Per-structure clean-up of a predicted label map, and structure volumes.
 
 Input everywhere: a 3D integer label map ``(X, Y, Z)`` in any voxel order with the
-values of :mod:`lib.labels` (0 background, 1..5 L1..L5 whole vertebrae, 6..10 discs,
+values of :mod:`lib.pipeline.labels` (0 background, 1..5 L1..L5 whole vertebrae, 6..10 discs,
 11 spinal canal), and the voxel spacing per array axis in **mm**. Volumes are in
 **mL** (1 mL = 1000 mm^3). Values outside the table (e.g. 255 = ignore in reference
 masks) are passed through untouched.
@@ -28,8 +28,8 @@ from typing import Dict, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from lib.errors import InvalidInput
-from lib.labels import CANAL, DISCS, NAMES, VERTEBRAE
+from lib.pipeline.errors import InvalidInput
+from lib.pipeline.labels import CANAL, DISCS, NAMES, VERTEBRAE
 
 #: 26-neighbourhood: voxels touching by a face, an edge or a corner are connected
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)

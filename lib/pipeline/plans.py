@@ -16,9 +16,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Tuple
 
-#: the label decisions a plan can name (``label_decision``; computed in lib/grouping.py)
+#: the label decisions a plan can name (``label_decision``; computed in lib/pipeline/grouping.py)
 LABEL_DECISIONS: Tuple[str, ...] = ("kind_first", "argmax")
-#: the network modes a plan can name (``network_mode``; built in lib/networks.py)
+#: the network modes a plan can name (``network_mode``; built in lib/pipeline/networks.py)
 NETWORK_MODES: Tuple[str, ...] = ("2.5d", "3d")
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -62,13 +62,13 @@ class SpinePlan:
     body_threshold: float = 0.05  # normalised intensity (0..1) above which a smoothed voxel is body
     body_margin: int = 4  # voxels kept around the body's bounding box
     # --- network (SwinUNETR) -------------------------------------------------------
-    network_mode: str = "2.5d"  # 2.5d: 2D network over sagittal slabs | 3d (lib/networks.py)
+    network_mode: str = "2.5d"  # 2.5d: 2D network over sagittal slabs | 3d (lib/pipeline/networks.py)
     slab_size: int = 3  # 2.5d: sagittal slices a slice is segmented from (itself + neighbours), odd
     slice_batch_size: int = 16  # 2.5d: slices per pass of the 2D network (bounds memory)
     feature_size: int = 12  # must be a multiple of 12; 12 keeps CPU training and infer fast
     depths: Tuple[int, int, int, int] = (2, 2, 2, 2)
     dropout: float = 0.1  # also drives MC-dropout epistemic scoring
-    fused_attention: bool = True  # PyTorch's fused attention kernel outside training (lib/networks.py)
+    fused_attention: bool = True  # PyTorch's fused attention kernel outside training (lib/pipeline/networks.py)
     # --- sliding-window inference --------------------------------------------------
     # voxels; 3d: each a multiple of 32; 2.5d: Y and Z multiples of 32, X = -1 (every slice
     # in one window: a slice is computed once, and only the scan's own edges lack a neighbour)
@@ -79,7 +79,7 @@ class SpinePlan:
     sw_batch_size: int = 2
     # --- post-processing -----------------------------------------------------------
     # argmax over the 12 channels; kind_first: vertebra/disc/canal/background by their summed
-    # probabilities, then the level (lib/grouping.py). argmax stays the default: on the starter
+    # probabilities, then the level (lib/pipeline/grouping.py). argmax stays the default: on the starter
     # recipe's weights kind_first merged the vertebrae into one column (see model/README.md)
     label_decision: str = "argmax"
     min_island_ml: float = 0.1  # pieces smaller than this are noise
@@ -95,7 +95,7 @@ class SpinePlan:
     early_stop_patience: int = 10  # validations without improvement
     loss: str = "dice_ce"  # dice_ce | dice_focal
     train_seed: int = 0  # seeds a run's initialisation, crops and augmentation: same data, same model
-    kind_loss_weight: float = 1.0  # + this x the same loss on the 4 kinds (lib/grouping.py); 0 = off
+    kind_loss_weight: float = 1.0  # + this x the same loss on the 4 kinds (lib/pipeline/grouping.py); 0 = off
     class_weights: Tuple[float, ...] = ()  # per class incl. background, empty = uniform
     val_fraction: float = 0.2
     # --- active learning -----------------------------------------------------------
@@ -170,7 +170,7 @@ class SpinePlan:
 
     def network_signature(self) -> Dict[str, Any]:
         """The fields that shape the weights and what they mean: weights built under one
-        signature are refused by a plan of another (:func:`lib.model_store.check_plan`)."""
+        signature are refused by a plan of another (:func:`lib.lifecycle.model_store.check_plan`)."""
         keys = ("network_mode", "slab_size", "feature_size", "depths", "target_spacing", "intensity_percentiles")
         d = self.to_dict()
         return {k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in keys}

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import WindowAttention
 
-from lib.errors import PlanMismatch
-from lib.labels import NUM_CLASSES
-from lib.model_store import recorded_plan
-from lib.plans import SpinePlan
+from lib.pipeline.errors import PlanMismatch
+from lib.pipeline.labels import NUM_CLASSES
+from lib.lifecycle.model_store import recorded_plan
+from lib.pipeline.plans import SpinePlan
 
 
 class FusedWindowAttention(WindowAttention):
@@ -129,7 +129,7 @@ def check_plan(weights: str, plan: SpinePlan) -> None:
     """Refuse weights whose record names another network than ``plan`` builds.
 
     The record is the JSON next to the weights (``spine.json``) or the stored version's
-    metrics (:func:`lib.model_store.recorded_plan`); weights without a recorded plan are
+    metrics (:func:`lib.lifecycle.model_store.recorded_plan`); weights without a recorded plan are
     judged by a strict load in :func:`load_weights`.
     """
     recorded = recorded_plan(weights)

@@ -8,7 +8,7 @@ written (as NIfTI). Anything else is refused with a 4xx and nothing is written.
 Image ids and label tags become file and folder names, so every one a client sends is
 checked against one rule (:data:`ID_PATTERN`, :data:`TAG_PATTERN`): no separators, no
 ``..``, no NUL. Images, labels and ``datastore_v2.json`` are written to a temporary
-file next to the target and renamed over it (:func:`lib.io.atomic_output`), so a crash
+file next to the target and renamed over it (:func:`lib.pipeline.io.atomic_output`), so a crash
 leaves the previous version, never a torn file.
 """
 
@@ -26,8 +26,8 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from lib.errors import Conflict, InvalidInput, UnknownImage
-from lib.io import (
+from lib.pipeline.errors import Conflict, InvalidInput, UnknownImage
+from lib.pipeline.io import (
     SCAN_PATTERNS,
     atomic_copy,
     atomic_write_text,

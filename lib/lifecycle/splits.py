@@ -16,7 +16,7 @@ import json
 import os
 from typing import Dict, Iterable, List, Tuple
 
-from lib.io import atomic_write_text
+from lib.pipeline.io import atomic_write_text
 
 SPLIT_FILENAME = "split.json"
 SIDES = ("train", "validation", "test")

@@ -24,9 +24,9 @@ from fastapi import APIRouter, Depends
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC
 
-from lib import versions
-from lib.errors import SpineError
-from lib.model_store import MODEL_NAME, model_version, weights_path
+from lib.lifecycle import versions
+from lib.pipeline.errors import SpineError
+from lib.lifecycle.model_store import MODEL_NAME, model_version, weights_path
 
 logger = logging.getLogger(__name__)
 

@@ -6,11 +6,11 @@ is where it lies, which a 96-voxel window often does not show. A network that is
 voxel is vertebra but unsure of the level spreads the vertebra probability over five
 channels, and a plain argmax then picks background (0.3 beats 0.7 / 5). So:
 
-* :func:`kind_logits` folds the 12 channels into the 4 kinds of :data:`lib.labels.KINDS`
+* :func:`kind_logits` folds the 12 channels into the 4 kinds of :data:`lib.pipeline.labels.KINDS`
   by ``logsumexp`` over each kind's channels: ``softmax(kind_logits) = `` the summed
   probabilities of each kind;
 * :func:`structure_argmax` decides the kind first (argmax of the kind logits), then the
-  level inside that kind (argmax over the kind's channels); :mod:`lib.levels` then puts
+  level inside that kind (argmax over the kind's channels); :mod:`lib.pipeline.levels` then puts
   the levels in anatomical order. For a confident network it equals the plain argmax.
   It is an option (``--conf label_decision kind_first``), not the default: on the weakly
   trained starter weights it grew the vertebra kind over the undetected discs, so the
@@ -31,8 +31,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from lib.labels import KIND_INDEX, KINDS, NUM_CLASSES
-from lib.plans import LABEL_DECISIONS
+from lib.pipeline.labels import KIND_INDEX, KINDS, NUM_CLASSES
+from lib.pipeline.plans import LABEL_DECISIONS
 
 #: for each kind, the label values of its channels (background: (0,), vertebra: (1..5) ...)
 _KIND_MEMBERS = tuple(tuple(v for v, k in enumerate(KIND_INDEX) if k == kind) for kind in range(len(KINDS)))

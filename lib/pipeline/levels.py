@@ -55,9 +55,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from lib.errors import InvalidInput
-from lib.labels import DISCS, NAMES, VERTEBRAE
-from lib.postprocess import check_label_map
+from lib.pipeline.errors import InvalidInput
+from lib.pipeline.labels import DISCS, NAMES, VERTEBRAE
+from lib.pipeline.postprocess import check_label_map
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -380,7 +380,7 @@ def assign_levels(label: np.ndarray, affine: np.ndarray, min_instance_ml: float 
     """Renumber vertebrae and discs by cranio-caudal order (see the module docstring).
 
     Args:
-        label: 3D integer label map ``(X, Y, Z)``, values of :mod:`lib.labels`, any voxel order.
+        label: 3D integer label map ``(X, Y, Z)``, values of :mod:`lib.pipeline.labels`, any voxel order.
         affine: 4x4 voxel->world matrix, RAS world coordinates in mm (nibabel convention).
         min_instance_ml: components smaller than this (mL) never count as a level of
             their own; they follow the instance of their label.

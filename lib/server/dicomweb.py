@@ -5,10 +5,10 @@
 - credentials come from ``MONAI_LABEL_DICOMWEB_USERNAME``/``PASSWORD`` (or the newer
   ``MONAI_LABEL_DATASTORE_USERNAME``/``PASSWORD``);
 - dcmqi is neither needed nor downloaded: a ``final`` label is written as DICOM SEG by
-  :func:`lib.dicom.write_dicom_seg` (pydicom-seg), one segment per structure with our
+  :func:`lib.pipeline.dicom.write_dicom_seg` (pydicom-seg), one segment per structure with our
   names and colours, referencing the source series, and stored in the PACS (STOW-RS);
 - every label is first checked and remapped like a label saved to the local studies
-  folder (:func:`lib.io.conform_label`): on the image's grid, names mapped to our table.
+  folder (:func:`lib.pipeline.io.conform_label`): on the image's grid, names mapped to our table.
 
 Listing (``list_images``) and labelled series (``get_labeled_images``) are cached by MONAI
 Label for ``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY`` seconds (default 7200): series added to the
@@ -29,10 +29,10 @@ from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from lib.datastore import TAG_PATTERN, check_name
-from lib.dicom import write_dicom_seg
-from lib.errors import InvalidInput
-from lib.io import check_upload, conform_label
+from lib.server.datastore import TAG_PATTERN, check_name
+from lib.pipeline.dicom import write_dicom_seg
+from lib.pipeline.errors import InvalidInput
+from lib.pipeline.io import check_upload, conform_label
 
 logger = logging.getLogger(__name__)
 

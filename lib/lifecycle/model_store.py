@@ -3,11 +3,11 @@
 Layout of ``model_dir`` (default: ``model/`` at the repository root, ``--conf model_dir``):
 - ``spine.pt``      the serving weights (state dict); absent = untrained (bootstrap);
 - ``spine.json``    the serving record: which version serves (with its sha256) and its
-  validation Dice on the current validation images (:mod:`lib.versions`);
+  validation Dice on the current validation images (:mod:`lib.lifecycle.versions`);
 - ``versions/``     every trained candidate, promoted or not: ``<version>/spine.pt`` and
   ``<version>/metrics.json``, plus ``history.json`` (promotions, rejections, rollbacks);
-- ``split.json``    the persisted train/validation/test split (:mod:`lib.splits`);
-- ``autotrain.json`` the automatic-training counters (:mod:`lib.autotrain`);
+- ``split.json``    the persisted train/validation/test split (:mod:`lib.lifecycle.splits`);
+- ``autotrain.json`` the automatic-training counters (:mod:`lib.lifecycle.autotrain`);
 - ``runs/``         training runs: checkpoints, TensorBoard events (not versioned in git);
 - ``train_stats.json`` progress of the last training, shown by Slicer.
 
@@ -25,7 +25,7 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = REPO_ROOT / "model"
 MODEL_NAME = "spine"
 VERSION_WEIGHTS = f"{MODEL_NAME}.pt"  # in ``versions/<version>/``

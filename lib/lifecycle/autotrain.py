@@ -14,7 +14,7 @@ once at start-up and, with an interval, periodically. One training at a time: wh
 train task is submitted or running nothing is started, and labels saved meanwhile count
 for the next run ("new" = final-labelled images that were not labelled when the last run
 started); a check refused because a run is busy is taken again when that run ends.
-Images held out for testing (:func:`lib.splits.test_ids`) are never counted.
+Images held out for testing (:func:`lib.lifecycle.splits.test_ids`) are never counted.
 
 Every run moves the counters, also one an annotator starts (``POST /train/spine``): the
 train task calls :func:`record_run_start`, which counts a run the auto-trainer did not
@@ -35,8 +35,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 from filelock import FileLock
 
-from lib.io import atomic_write_text
-from lib.splits import split_path, test_ids
+from lib.pipeline.io import atomic_write_text
+from lib.lifecycle.splits import split_path, test_ids
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def load_state(path: str) -> AutoTrainState:
 
 
 def save_state(path: str, state: AutoTrainState) -> None:
-    """Write ``state`` atomically (:func:`lib.io.atomic_write_text`)."""
+    """Write ``state`` atomically (:func:`lib.pipeline.io.atomic_write_text`)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write_text(path, json.dumps(asdict(state), indent=1))
 

@@ -23,8 +23,8 @@ import nibabel as nib
 import numpy as np
 from monai.transforms import LoadImage
 
-from lib.errors import InvalidInput, TooLarge
-from lib.labels import BACKGROUND, IGNORE_VALUE, NAMES, NUM_CLASSES, value_of
+from lib.pipeline.errors import InvalidInput, TooLarge
+from lib.pipeline.labels import BACKGROUND, IGNORE_VALUE, NAMES, NUM_CLASSES, value_of
 
 #: what the local datastore lists as scans (a DICOM series is a folder or a .zip of one)
 SCAN_PATTERNS: List[str] = ["*.nii.gz", "*.nii", "*.nrrd", "*.mha", "*.mhd"]
@@ -81,6 +81,15 @@ def scan_extension(name: str) -> str:
         if lower.endswith(ext):
             return ext
     return ""
+
+
+def image_id(name: str) -> str:
+    """The id of a scan or label file or DICOM folder: its base name without the scan
+    extension (``.nii.gz`` counts as one, case kept). One rule for the datastore records of
+    the train task, ``lib.segment``'s output names and ``lib.evaluate``'s case ids."""
+    base = os.path.basename(str(name).rstrip("/"))
+    ext = scan_extension(base)
+    return base[: -len(ext)] if ext else base
 
 
 def _text_header(path: str, end: bytes, limit: int = 1 << 16) -> List[str]:

@@ -21,7 +21,7 @@ from typing import Iterable
 
 import torch
 
-from lib.labels import NUM_CLASSES
+from lib.pipeline.labels import NUM_CLASSES
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
+    RandomizableTransform,
     RandAdjustContrastd,
     RandAffined,
     RandBiasFieldd,
@@ -36,11 +37,11 @@ from monai.transforms import (
     Spacingd,
 )
 
-from lib.errors import InvalidInput
-from lib.grouping import StructureDecisiond
-from lib.io import LIMITS, check_file, check_volume, unreadable
-from lib.labels import IGNORE_VALUE, NUM_CLASSES
-from lib.plans import SpinePlan
+from lib.pipeline.errors import InvalidInput
+from lib.pipeline.grouping import StructureDecisiond
+from lib.pipeline.io import LIMITS, check_file, check_volume, unreadable
+from lib.pipeline.labels import IGNORE_VALUE, NUM_CLASSES
+from lib.pipeline.plans import SpinePlan
 
 # ITK reads every format we accept (NIfTI, NRRD, MHA/MHD, DICOM series folders) with one
 # consistent RAS affine convention.
@@ -69,7 +70,7 @@ class ValidateScand(MapTransform):
 
     Expects channel-first ``(1, X, Y, Z)`` after ``EnsureChannelFirstd``; trailing
     singleton dimensions are accepted (a 3D volume stored as 4D with one frame). The
-    checks are :func:`lib.io.check_volume` and the configured voxel limit
+    checks are :func:`lib.pipeline.io.check_volume` and the configured voxel limit
     (``--conf max_voxels``), the same as for uploads.
     """
 
@@ -172,6 +173,56 @@ def crop_to_body(plan: SpinePlan, keys: KeysCollection = "image") -> List[Any]:
     ]
 
 
+class RandSliceStretchd(RandomizableTransform, MapTransform):
+    """Imitate a per-slice normalised, clipped export: with probability ``prob``, every slice
+    along ``slice_axis`` is rescaled on its own so that its minimum is 0 and its top
+    ``saturation`` fraction of voxels (drawn per slice from the range) is clipped at 1.
+
+    Why: some sites (in the dev data, SPIDER export group B) window every sagittal slice
+    separately; vertebral marrow then comes out as bright as discs and the starter model lost
+    whole levels there (spider_141). Values stay 0..1, shapes unchanged: ``slice_axis`` 1 for a
+    volume ``(1, X, Y, Z)``, 0 for a slab of sagittal slices ``(S, Y, Z)``.
+    """
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.2, slice_axis: int = 1,
+                 saturation: tuple = (0.02, 0.06)):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        self.slice_axis, self.saturation = slice_axis, saturation
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key])
+            slices = image.movedim(self.slice_axis, 0)
+            flat = slices.reshape(slices.shape[0], -1).float()
+            q = torch.as_tensor(1 - self.R.uniform(*self.saturation, size=flat.shape[0]), dtype=flat.dtype)
+            top = torch.stack([torch.quantile(row, qi) for row, qi in zip(flat, q)])
+            low = flat.min(1).values
+            scale = (top - low).clamp_min(1e-6)
+            shape = (-1,) + (1,) * (slices.ndim - 1)
+            stretched = ((slices - low.view(shape)) / scale.view(shape)).clamp(0, 1)
+            d[key] = stretched.movedim(0, self.slice_axis).to(image.dtype)
+        return d
+
+
+def intensity_augmentation(slice_axis: int) -> List[Any]:
+    """MR-style intensity augmentation of ``image`` (values 0..1), one list for the server's
+    train task and the CPU recipe: bias field, gamma, scale, shift, noise, and
+    :class:`RandSliceStretchd` (``slice_axis``: where the sagittal slices are)."""
+    return [
+        RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.3)),
+        RandSliceStretchd(keys="image", prob=0.2, slice_axis=slice_axis),
+        RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.5, 1.5)),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        RandGaussianNoised(keys="image", prob=0.2, std=0.03),
+    ]
+
+
 def infer_pre_transforms(plan: SpinePlan) -> List[Any]:
     """Scan file/folder -> ``image`` (1, X, Y, Z) in RAS at the plan's spacing, values 0..1,
     cropped to the body (air removed) when ``plan.crop_to_body``."""
@@ -205,11 +256,7 @@ def train_pre_transforms(plan: SpinePlan) -> List[Any]:
             padding_mode="zeros",
         ),
         RandFlipd(keys=keys, spatial_axis=0, prob=0.5),
-        RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.3)),
-        RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5)),
-        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-        RandGaussianNoised(keys="image", prob=0.2, std=0.03),
+        *intensity_augmentation(slice_axis=1),
         CastToTyped(keys=keys, dtype=(torch.float32, torch.uint8)),
     ]
 
@@ -221,5 +268,5 @@ def val_pre_transforms(plan: SpinePlan, keep_ignore: bool = False) -> List[Any]:
 
 def discrete_post_transforms(plan: SpinePlan) -> List[Any]:
     """Logits (12, X, Y, Z) -> label map (X, Y, Z) uint8 on the same grid, by the plan's
-    ``label_decision`` (kind first, then level: :mod:`lib.grouping`)."""
+    ``label_decision`` (kind first, then level: :mod:`lib.pipeline.grouping`)."""
     return [StructureDecisiond(keys="pred", decision=plan.label_decision)]
