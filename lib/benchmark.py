@@ -187,11 +187,9 @@ class StockPipeline:
 
 
 def postprocess_like_app(label: np.ndarray, affine: np.ndarray, plan: SpinePlan) -> np.ndarray:
-    from lib.pipeline.levels import assign_levels
-    from lib.pipeline.postprocess import clean_label
+    from lib.pipeline.levels import finish_label
 
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    return assign_levels(clean_label(label, spacing, plan.min_island_ml), affine)[0]
+    return finish_label(label, affine, plan.min_island_ml)[0]
 
 
 # --- the run ----------------------------------------------------------------------------

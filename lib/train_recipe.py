@@ -105,7 +105,7 @@ class SlabSampler:
                  annotations: List[Annotation] | None = None, partial_fraction: float = 0.25):
         self.plan, self.rng = plan, rng
         self.annotations = list(annotations or [COMPLETE] * len(volumes))
-        self.roi = tuple(plan.roi_size[1:])
+        self.roi = tuple(plan.train_roi_size[1:])
         self.k = plan.slab_size // 2
         self.jitter = [int(round(j / s)) for j, s in zip(jitter_mm, plan.target_spacing[1:])]
         self.volumes, self.centres, slices, weights = [], [], [], []

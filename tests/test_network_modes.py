@@ -25,7 +25,7 @@ def _save(network: torch.nn.Module, path, plan: SpinePlan | None) -> str:
 def test_default_plan_is_2_5d_and_3d_stays_available():
     default, three_d = SpinePlan.from_conf({}), SpinePlan.from_conf({"preset": "3d"})
     assert default.network_mode == "2.5d" and default.slab_size == 3 and default.roi_size[0] == -1
-    assert default.train_roi_size == (default.train_slices, *default.roi_size[1:])
+    assert default.train_roi_size == (default.train_slices, *default.train_patch)
     assert three_d.network_mode == "3d" and three_d.train_roi_size == three_d.roi_size == (32, 96, 96)
     assert isinstance(build_network(default), SagittalSlabNetwork)
     assert not isinstance(build_network(SpinePlan.from_conf({"preset": "3d", "depths": "1,1,1,1"})),
@@ -57,6 +57,24 @@ def test_slab_network_segments_each_slice_from_its_neighbours():
                 assert torch.allclose(out[b, :, s], expected, atol=1e-5), (b, s)
         network.slice_batch = 7
         assert torch.allclose(network(x), out, atol=1e-5)
+
+
+def test_whole_slice_windows_take_any_in_plane_size():
+    """roi_size Y/Z = -1: one window over the whole in-plane extent; the slab network pads
+    it with air to multiples of 32 and gives back the input's size; on a size that needs
+    no padding it is the plain network."""
+    plan = SpinePlan.from_conf({**TINY, "roi_size": "-1,-1,-1", "dropout": "0"})
+    assert plan.train_roi_size == (plan.train_slices, *plan.train_patch)  # training crops stay fixed
+    torch.manual_seed(2)
+    network = build_network(plan).eval()
+    with torch.no_grad():
+        odd = torch.rand(1, 1, 3, 50, 77)
+        assert network(odd).shape == (1, 12, 3, 50, 77)
+        padded = torch.zeros(1, 1, 3, 64, 96)
+        padded[..., :50, :77] = odd
+        assert torch.allclose(network(odd), network(padded)[..., :50, :77], atol=1e-5)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        SpinePlan.from_conf({"train_patch": "100,256"})
 
 
 def test_fused_attention_gives_the_same_logits_in_2d():

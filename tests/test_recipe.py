@@ -37,7 +37,7 @@ def test_validation_cases_are_reliable_spider_scans_never_trained_on():
 def test_slab_samples_keep_anatomy(tmp_path):
     """Samples are (slab, Y, Z) windows with the label of the centre slice; a window centred on
     the spine holds most of the scan's labelled structures."""
-    plan = SpinePlan.from_conf({"preset": "tiny", "roi_size": "-1,64,96", "target_spacing": "2,3,3"})
+    plan = SpinePlan.from_conf({"preset": "tiny", "train_patch": "64,96", "target_spacing": "2,3,3"})
     train, _ = choose_cases(shared_data(), 6)
     volumes = [preprocess(shared_data(), tmp_path, case_id, plan) for case_id in train[:2]]
     sampler = SlabSampler(volumes, plan, np.random.default_rng(0), jitter_mm=(0, 0))

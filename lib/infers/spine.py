@@ -28,11 +28,11 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from lib.pipeline.errors import ModelNotTrained
 from lib.pipeline.io import unpack_dicom_zip
 from lib.pipeline.labels import COLORS, LABELS
-from lib.pipeline.levels import assign_levels
+from lib.pipeline.levels import finish_label
 from lib.lifecycle.model_store import model_version
 from lib.pipeline.networks import check_plan, weights_do_not_fit
 from lib.pipeline.plans import SpinePlan
-from lib.pipeline.postprocess import clean_label, structure_volumes_ml
+from lib.pipeline.postprocess import structure_volumes_ml
 from lib.pipeline.transforms import discrete_post_transforms, infer_pre_transforms
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class SpinePostprocessd(MapTransform):
     """Clean-up + level assignment on ``pred`` (X, Y, Z) uint8 in the scan's own grid.
 
     Writes ``result``: ``volumes_ml`` per structure and ``levels`` (the report of
-    :func:`lib.pipeline.levels.assign_levels`).
+    :func:`lib.pipeline.levels.assign_levels`, through :func:`lib.pipeline.levels.finish_label`).
     """
 
     def __init__(self, plan: SpinePlan, key: str = "pred", result_key: str = "result"):
@@ -56,11 +56,9 @@ class SpinePostprocessd(MapTransform):
         pred = d[self.key]
         affine = np.asarray(pred.affine if hasattr(pred, "affine") else d[f"{self.key}_meta_dict"]["affine"])
         array = np.asarray(pred.cpu().numpy() if torch.is_tensor(pred) else pred).astype(np.uint8)
-        spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        array = clean_label(array, spacing, self.plan.min_island_ml)
-        array, report = assign_levels(array, affine)
+        array, report = finish_label(array, affine, self.plan.min_island_ml)
         result = dict(d.get(self.result_key) or {})
-        result["volumes_ml"] = structure_volumes_ml(array, spacing)
+        result["volumes_ml"] = structure_volumes_ml(array, np.linalg.norm(affine[:3, :3], axis=0))
         result["levels"] = report
         d[self.result_key] = result
         if hasattr(pred, "set_array"):

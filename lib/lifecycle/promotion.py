@@ -15,6 +15,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose
@@ -22,6 +23,7 @@ from monai.transforms import Compose
 from lib.lifecycle import versions
 from lib.lifecycle.model_store import file_sha256, model_version, weights_path
 from lib.pipeline.grouping import decide
+from lib.pipeline.levels import finish_label
 from lib.pipeline.metrics import structure_dice, summarise
 from lib.pipeline.networks import load_network
 from lib.pipeline.plans import SpinePlan
@@ -40,9 +42,11 @@ def measure(weights: str, records: Sequence[Dict[str, Any]], plan: SpinePlan, de
     """Mean and per-structure validation Dice of ``weights`` on ``records`` (image + label).
 
     One code path for the candidate and the serving model, so that they are compared on
-    equal terms: the validation transforms, sliding-window inference, the plan's label decision, Dice per
-    structure in model space, by the rules of :mod:`lib.pipeline.metrics` (the train task's key metric
-    is the same Dice, so ``val_mean_dice`` means one thing).
+    equal terms: the validation transforms, sliding-window inference, the plan's label decision,
+    clean-up and level assignment (:func:`lib.pipeline.levels.finish_label`: what the user
+    gets), Dice per structure in model space by the rules of :mod:`lib.pipeline.metrics`. The
+    train task's validation key metric is the same Dice of the same output, so
+    ``val_mean_dice`` means one thing.
     """
     network = load_network(plan, weights, device)
     pre = Compose(val_pre_transforms(plan, keep_ignore=True))
@@ -53,7 +57,8 @@ def measure(weights: str, records: Sequence[Dict[str, Any]], plan: SpinePlan, de
         for record in records:
             data = pre({"image": record["image"], "label": record["label"]})
             logits = inferer(data["image"][None].to(device), network)
-            pred = decide(logits[0], plan.label_decision, dim=0).cpu()
+            pred = decide(logits[0], plan.label_decision, dim=0).cpu().numpy().astype(np.uint8)
+            pred = finish_label(pred, np.asarray(data["image"].affine), plan.min_island_ml)[0]
             per_image.append(structure_dice(pred, data["label"][0].round().long()))
     mean, per_structure = summarise(torch.stack(per_image)) if per_image else (None, {})
     return {

@@ -57,7 +57,7 @@ from scipy import ndimage as ndi
 
 from lib.pipeline.errors import InvalidInput
 from lib.pipeline.labels import DISCS, NAMES, VERTEBRAE
-from lib.pipeline.postprocess import check_label_map
+from lib.pipeline.postprocess import check_label_map, clean_label
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -564,3 +564,13 @@ def _report(instances: List[_Instance], extras: List[dict], middle_removed: List
         "removed_fragments_ml": {k: round(v, 3) for k, v in orphan_ml.items()},
         "messages": messages,
     }
+
+
+def finish_label(label: np.ndarray, affine: np.ndarray, min_island_ml: float) -> Tuple[np.ndarray, dict]:
+    """What the user gets from a label decision: :func:`lib.pipeline.postprocess.clean_label`
+    (islands under ``min_island_ml``) then :func:`assign_levels`. ``label`` (X, Y, Z) uint8 in
+    the grid of ``affine`` (voxel -> RAS mm); returns the label and the level report. One
+    chain for the infer task, the validation measurement behind promotion and checkpoint
+    choice, and the benchmark."""
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    return assign_levels(clean_label(np.asarray(label).astype(np.uint8), spacing, min_island_ml), affine)

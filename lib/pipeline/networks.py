@@ -60,6 +60,10 @@ class FusedWindowAttention(WindowAttention):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
 
+#: SwinUNETR halves its input five times: every spatial size must be a multiple of this
+PATCH_MULTIPLE = 32
+
+
 class SagittalSlabNetwork(torch.nn.Module):
     """A 2D network run over the sagittal slices of 3D windows (2.5D segmentation).
 
@@ -81,7 +85,14 @@ class SagittalSlabNetwork(torch.nn.Module):
         self.slice_batch = max(1, slice_batch)
 
     def forward_slabs(self, slabs: torch.Tensor) -> torch.Tensor:
-        return self.net2d(slabs)
+        """Slabs of any in-plane size: zero-padded (air, as around a training window) to the
+        multiples of 32 the 2D SwinUNETR needs, the output cropped back."""
+        ny, nz = slabs.shape[-2:]
+        pad_y, pad_z = -ny % PATCH_MULTIPLE, -nz % PATCH_MULTIPLE
+        if not (pad_y or pad_z):
+            return self.net2d(slabs)
+        out = self.net2d(torch.nn.functional.pad(slabs, (0, pad_z, 0, pad_y)))
+        return out[..., :ny, :nz]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != 1:

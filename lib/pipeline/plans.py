@@ -41,6 +41,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "target_spacing": (4.0, 4.0, 4.0),
         "roi_size": (-1, 64, 64),
         "train_slices": 4,
+        "train_patch": (64, 64),
         "max_epochs": 1,
         "val_interval": 1,
         "num_samples": 1,
@@ -70,8 +71,10 @@ class SpinePlan:
     dropout: float = 0.1  # also drives MC-dropout epistemic scoring
     fused_attention: bool = True  # PyTorch's fused attention kernel outside training (lib/pipeline/networks.py)
     # --- sliding-window inference --------------------------------------------------
-    # voxels; 3d: each a multiple of 32; 2.5d: Y and Z multiples of 32, X = -1 (every slice
-    # in one window: a slice is computed once, and only the scan's own edges lack a neighbour)
+    # voxels; 3d: each a multiple of 32; 2.5d: X = -1 (every slice in one window: a slice is
+    # computed once, and only the scan's own edges lack a neighbour), Y and Z multiples of 32
+    # or -1 (the whole in-plane extent in one window, padded to multiples of 32 inside the
+    # network: the network sees the whole spine wherever the scan's field of view puts it)
     roi_size: Tuple[int, int, int] = (-1, 160, 256)
     sw_overlap: float = 0.25
     # windows per forward pass; 2+ also puts PyTorch's CPU 3D convolutions on oneDNN (a single
@@ -89,6 +92,7 @@ class SpinePlan:
     train_batch_size: int = 2
     num_samples: int = 2  # random crops per image per iteration
     train_slices: int = 8  # 2.5d: sagittal slices of a training crop (its X extent)
+    train_patch: Tuple[int, int] = (160, 256)  # 2.5d: voxels (Y, Z) of a training crop, multiples of 32
     learning_rate: float = 2e-4
     weight_decay: float = 1e-5
     warmup_epochs: int = 5
@@ -117,8 +121,10 @@ class SpinePlan:
             if all(r == 32 for r in self.roi_size):
                 raise ValueError("roi_size 32x32x32 leaves SwinUNETR's bottleneck a single voxel: make one side 64+")
         else:
-            if any(r <= 0 or r % 32 for r in self.roi_size[1:]):
-                raise ValueError(f"roi_size Y and Z must be multiples of 32 (2D SwinUNETR), got {self.roi_size}")
+            if any(r != -1 and (r <= 0 or r % 32) for r in self.roi_size[1:]):
+                raise ValueError(f"roi_size Y and Z must be multiples of 32 (2D SwinUNETR) or -1, got {self.roi_size}")
+            if len(self.train_patch) != 2 or any(r <= 0 or r % 32 for r in self.train_patch):
+                raise ValueError(f"train_patch must be two multiples of 32, got {self.train_patch}")
             if self.roi_size[0] == 0 or self.roi_size[0] < -1:
                 raise ValueError(f"roi_size X is a slice count, or -1 for every slice; got {self.roi_size}")
             if self.slab_size < 1 or self.slab_size % 2 == 0:
@@ -163,9 +169,9 @@ class SpinePlan:
 
     @property
     def train_roi_size(self) -> Tuple[int, int, int]:
-        """Voxels of a training crop: the ROI, with ``train_slices`` slices in 2.5d mode."""
+        """Voxels of a training crop: the ROI in 3d mode; ``train_slices`` x ``train_patch`` in 2.5d."""
         if self.network_mode == "2.5d":
-            return (self.train_slices, self.roi_size[1], self.roi_size[2])
+            return (self.train_slices, *self.train_patch)
         return tuple(self.roi_size)
 
     def network_signature(self) -> Dict[str, Any]:

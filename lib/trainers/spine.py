@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 from monai.handlers import LrScheduleHandler
 from monai.inferers import SlidingWindowInferer
@@ -32,6 +33,7 @@ from lib.lifecycle.model_store import runs_dir, weights_path
 from lib.lifecycle.promotion import ServingGuard
 from lib.lifecycle.splits import split_path, test_ids, update_split
 from lib.pipeline.grouping import KindAwareLoss, decide
+from lib.pipeline.levels import finish_label
 from lib.pipeline.io import image_id
 from lib.pipeline.labels import LABELS, NUM_CLASSES
 from lib.pipeline.metrics import dice_handler
@@ -130,7 +132,7 @@ class SpineTrainTask(BasicTrainTask):
         return _label_post_transforms(self.plan)
 
     def val_post_transforms(self, context: Context):
-        return _label_post_transforms(self.plan)
+        return _label_post_transforms(self.plan, finish=True)
 
     def val_inferer(self, context: Context):
         return SlidingWindowInferer(
@@ -182,7 +184,18 @@ class SpineTrainTask(BasicTrainTask):
         return stats
 
 
-def _label_post_transforms(plan: SpinePlan) -> List[Any]:
-    """Logits -> the label map ``(1, *spatial)`` the user gets (the plan's decision), for
-    :func:`lib.pipeline.metrics.dice_handler`; ``label`` stays a label map (255 kept)."""
-    return [Lambdad(keys="pred", func=lambda logits: decide(logits, plan.label_decision, dim=0)[None])]
+def _label_post_transforms(plan: SpinePlan, finish: bool = False) -> List[Any]:
+    """Logits -> the label map ``(1, *spatial)`` by the plan's decision, for
+    :func:`lib.pipeline.metrics.dice_handler`; with ``finish`` (whole validation images) also
+    clean-up and level assignment, so that ``val_mean_dice`` is the Dice of what the user
+    gets, as in :func:`lib.lifecycle.promotion.measure`. ``label`` stays a label map (255 kept)."""
+    chain: List[Any] = [Lambdad(keys="pred", func=lambda logits: decide(logits, plan.label_decision, dim=0)[None])]
+    if finish:
+        chain.append(Lambdad(keys="pred", func=lambda pred: _finished(pred, plan)))
+    return chain
+
+
+def _finished(pred: torch.Tensor, plan: SpinePlan) -> torch.Tensor:
+    """``pred`` (1, X, Y, Z) MetaTensor in model space -> the same after :func:`finish_label`."""
+    label, _ = finish_label(pred[0].cpu().numpy().astype(np.uint8), np.asarray(pred.affine), plan.min_island_ml)
+    return torch.as_tensor(label, dtype=torch.long)[None]
