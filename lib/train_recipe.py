@@ -22,6 +22,21 @@ Stages (each with its home):
    (whole scans, the app's sliding window and label decision); the best weights so far go to
    ``WORK/best/spine.pt`` with their record (plan + metrics), ready to copy into ``model/``.
 
+Data-parallel on several processes (``torch.distributed``, DistributedDataParallel):
+
+    torchrun --nproc_per_node 2 -m lib.train_recipe --data ../shared/data --work work/recipe
+
+NCCL with one GPU a process when CUDA is present, gloo on CPUs; each process draws its own
+slabs (its own random stream, so the processes share the sampling without repeating it),
+gradients are averaged every step, and only rank 0 validates, writes checkpoints, the log
+and the best weights; the others wait for it. ``--batch`` is per process (the effective
+batch is ``--batch`` x processes; scale ``--lr`` with it if you keep the step count).
+A process that dies ends the run (the others fail at the next gradient exchange); nothing
+is published by a run (``--publish`` does that, on purpose), so a broken run leaves
+``model/`` as it was and resumes from its last checkpoint. Several nodes: ``torchrun
+--nnodes N --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:PORT ...`` (see
+``docs/deployment.md``).
+
 The 3D plan (``--conf preset 3d``) is trained through the server's train task instead.
 """
 
@@ -180,6 +195,44 @@ class RecipeLoss:
         return loss
 
 
+class SlabForward(torch.nn.Module):
+    """``forward`` = :meth:`SagittalSlabNetwork.forward_slabs`: what DistributedDataParallel
+    wraps, since it synchronises gradients only through a module's ``forward``."""
+
+    def __init__(self, network: SagittalSlabNetwork):
+        super().__init__()
+        self.network = network
+
+    def forward(self, slabs: torch.Tensor) -> torch.Tensor:
+        return self.network.forward_slabs(slabs)
+
+
+def start_distributed() -> Tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process: under ``torchrun`` (``WORLD_SIZE`` > 1)
+    the process group is joined (NCCL on CUDA, one GPU per local rank; gloo on CPU)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, select_device()
+    cuda = torch.cuda.is_available()
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return torch.distributed.get_rank(), world, device
+
+
+def parameter_digest(network: torch.nn.Module) -> str:
+    """sha256 of the parameters (processes of a data-parallel run end with the same one)."""
+    h = hashlib.sha256()
+    for name, value in sorted(network.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to 0 at ``total``."""
     if step < warmup:
@@ -244,23 +297,32 @@ def main(argv=None) -> None:
     plan = SpinePlan.from_conf(dict(args.conf))
     if plan.network_mode != "2.5d":
         parser.error("this recipe trains the 2.5d plan; train a 3d plan with the server's train task")
-    device = select_device()
+    rank, world, device = start_distributed()
+    lead = rank == 0  # validates, writes checkpoints, the log and the best weights
+    say = print if lead else (lambda *a, **k: None)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
 
     split_file = work / "split.json"
     train_ids, val_ids = choose_cases(args.data, args.val_count)
-    if split_file.exists():
-        saved = json.loads(split_file.read_text())
-        if saved["validation"] != val_ids or saved["train"] != train_ids:
-            raise SystemExit(f"{split_file} differs from the cases chosen now: refusing to mix splits")
-    else:
-        split_file.write_text(json.dumps({"train": train_ids, "validation": val_ids}, indent=1))
-    print(f"{len(train_ids)} training scans, {len(val_ids)} validation scans: {val_ids}", flush=True)
     partial = partial_cases(args.data, [p for p in args.partial_sets.split(",") if p])
+    cases = train_ids + sorted(partial)
+    if lead:  # the others wait, then read what rank 0 wrote (no two processes write one file)
+        if split_file.exists():
+            saved = json.loads(split_file.read_text())
+            if saved["validation"] != val_ids or saved["train"] != train_ids:
+                raise SystemExit(f"{split_file} differs from the cases chosen now: refusing to mix splits")
+        else:
+            split_file.write_text(json.dumps({"train": train_ids, "validation": val_ids}, indent=1))
+        for i in cases:
+            preprocess(args.data, work / "cache", i, plan)
+    if world > 1:
+        torch.distributed.barrier()
+    say(f"{len(train_ids)} training scans, {len(val_ids)} validation scans: {val_ids}"
+        + (f"; {world} processes" if world > 1 else ""), flush=True)
     if partial:
-        print(f"{len(partial)} partially annotated scans: {sorted(partial)}", flush=True)
-    volumes = [preprocess(args.data, work / "cache", i, plan) for i in train_ids + sorted(partial)]
+        say(f"{len(partial)} partially annotated scans: {sorted(partial)}", flush=True)
+    volumes = [preprocess(args.data, work / "cache", i, plan) for i in cases]
     annotations = [COMPLETE] * len(train_ids) + [partial[i] for i in sorted(partial)]
     val_records = [{"id": i, "image": str(args.data / "images" / f"{i}.nii.gz"),
                     "label": str(args.data / "labels" / f"{i}.nii.gz")} for i in val_ids]
@@ -275,29 +337,37 @@ def main(argv=None) -> None:
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best = state["step"], state["best"]
-        print(f"resumed at step {step} (best val mean Dice {best:.4f})", flush=True)
+        say(f"resumed at step {step} (best val mean Dice {best:.4f})", flush=True)
     elif args.init:
         load_weights(network, str(args.init), plan, device)
-        print(f"starting from {args.init}", flush=True)
+        say(f"starting from {args.init}", flush=True)
+    forward = SlabForward(network)
+    if world > 1:  # same start on every process (DDP broadcasts rank 0's parameters), averaged gradients
+        forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
 
-    # each resume its own random stream: a resumed run does not repeat the samples it already saw
-    set_determinism(seed=args.seed + step)
-    sampler = SlabSampler(volumes, plan, np.random.default_rng(args.seed + step), annotations=annotations,
+    # each resume and each process its own random stream: a resumed run does not repeat the
+    # samples it already saw, and the processes of one run draw different slabs
+    seed = args.seed + step + 1_000_003 * rank
+    set_determinism(seed=seed)
+    sampler = SlabSampler(volumes, plan, np.random.default_rng(seed), annotations=annotations,
                           partial_fraction=args.partial_fraction)
     deadline = time.time() + args.hours * 3600
     window_loss, window_start = [], time.time()
-    while step < args.steps and time.time() < deadline:
+    while step < args.steps and not out_of_time(deadline, world, device):
         network.train()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         images, labels, batch_annotations = sampler.batch(args.batch)
-        loss = loss_function(network.forward_slabs(images.to(device)), labels.to(device), batch_annotations)
+        loss = loss_function(forward(images.to(device)), labels.to(device), batch_annotations)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
         window_loss.append(float(loss.detach()))
-        if step % args.checkpoint_every == 0 or step == args.steps:
+        if (step % args.checkpoint_every == 0 or step == args.steps) and not lead:
+            torch.distributed.barrier()  # while rank 0 validates and writes
+            window_loss = []
+        elif step % args.checkpoint_every == 0 or step == args.steps:
             entry = {"step": step, "loss": round(float(np.mean(window_loss)), 4), "lr": optimizer.param_groups[0]["lr"],
                      "seconds_per_step": round((time.time() - window_start) / len(window_loss), 3)}
             window_loss, window_start = [], time.time()
@@ -320,7 +390,21 @@ def main(argv=None) -> None:
             with open(log_file, "a") as f:
                 f.write(json.dumps(entry) + "\n")
             print(json.dumps(entry), flush=True)
-    print(f"stopped at step {step} of {args.steps}; best val mean Dice {best:.4f} ({best_file})", flush=True)
+            if world > 1:
+                torch.distributed.barrier()
+    say(f"stopped at step {step} of {args.steps}; best val mean Dice {best:.4f} ({best_file})", flush=True)
+    if world > 1:
+        print(f"rank {rank} of {world}: parameters {parameter_digest(network)}", flush=True)
+        torch.distributed.destroy_process_group()
+
+
+def out_of_time(deadline: float, world: int, device: torch.device) -> bool:
+    """Whether ``--hours`` is spent, decided by rank 0 for every process (they must stop at
+    the same step, or the others would wait for a gradient exchange that never comes)."""
+    late = torch.tensor([time.time() >= deadline], dtype=torch.uint8, device=device)  # NCCL: on the GPU
+    if world > 1:
+        torch.distributed.broadcast(late, src=0)
+    return bool(late.item())
 
 
 if __name__ == "__main__":

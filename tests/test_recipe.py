@@ -5,8 +5,12 @@ published weights carry their plan."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -73,6 +77,55 @@ def test_recipe_trains_resumes_and_publishes_with_its_plan(tmp_path):
     load_network(SpinePlan.from_conf({"preset": "tiny"}), str(model_dir / "spine.pt"))
     with pytest.raises(PlanMismatch):
         load_network(SpinePlan.from_conf({}), str(model_dir / "spine.pt"))
+
+
+def torchrun(*args: str, **popen) -> subprocess.Popen:
+    """``torchrun --standalone --nproc_per_node 2 -m lib.train_recipe`` (a free port; gloo on CPU)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "lib.train_recipe", "--data", str(shared_data()), "--threads", "1", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True, **popen)
+
+
+def test_two_processes_train_data_parallel(tmp_path):
+    """Two gloo processes: one log and one set of weights (rank 0's), gradients averaged so
+    that both processes end with the same parameters although they drew different slabs."""
+    work = tmp_path / "work"
+    run = torchrun("--work", str(work), "--batch", "2", "--val-count", "2", "--checkpoint-every", "1",
+                   "--steps", "3", "--val-every", "3", *TINY)
+    out, _ = run.communicate(timeout=900)
+    assert run.returncode == 0, out[-3000:]
+    assert "2 processes" in out
+    digests = dict(re.findall(r"rank (\d) of 2: parameters (\w+)", out))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], out[-2000:]
+    assert [json.loads(line)["step"] for line in (work / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (work / "best" / "spine.pt").exists() and out.count("stopped at step 3 of 3") == 1
+
+
+def test_a_killed_worker_ends_the_run_and_it_resumes(tmp_path):
+    """A worker killed mid-run ends the whole run (no process waits for ever); the last
+    checkpoint is whole, and the same command on one process resumes from it."""
+    import psutil
+
+    work = tmp_path / "work"
+    common = ["--work", str(work), "--batch", "2", "--val-count", "2", "--checkpoint-every", "1", "--val-every", "1000",
+              *TINY]
+    run = torchrun(*common, "--steps", "1000")
+    log = work / "log.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and run.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.5)
+    assert run.poll() is None, run.communicate()[0][-3000:]
+    workers = [p for p in psutil.Process(run.pid).children(recursive=True) if "lib.train_recipe" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[-1].send_signal(signal.SIGKILL)
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode != 0, out[-2000:]
+    done = len(log.read_text().splitlines())
+    resumed = recipe(*common, "--steps", str(done + 1))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at step {done}" in resumed.stdout
 
 
 def test_marginal_loss_judges_only_what_a_mask_annotates():
