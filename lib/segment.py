@@ -1,29 +1,36 @@
 """Segment scans without a server: Python API and command line, same code path as ``/infer/spine``.
 
     python -m lib.segment INPUT [INPUT ...] --output DIR [--model FILE] [--conf KEY VALUE ...]
+    python -m lib.segment @scans.txt --output DIR --workers 2      # a list, two processes
 
-INPUT is a scan file (NIfTI, NRRD, MHA/MHD), a DICOM series folder, or a folder of scans.
-Each scan gives ``DIR/<name>_seg.nii.gz`` (same shape and affine as the scan) and
-``DIR/<name>_seg.json`` (volumes in mL, level report, model version).
+INPUT is a scan file (NIfTI, NRRD, MHA/MHD), a DICOM series folder, or a folder of scans;
+``@FILE`` reads more inputs from FILE, one a line. Each scan gives ``DIR/<name>_seg.nii.gz``
+(same shape and affine as the scan) and ``DIR/<name>_seg.json`` (volumes in mL, level
+report, model version), the report written last and atomically: a scan whose report
+exists for the same model version is skipped, so an interrupted batch resumes where it
+stopped (``--redo`` segments everything again). ``--workers N`` segments with N processes,
+each with its share of ``--threads`` (default: every core).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from lib.pipeline.errors import SpineError
 from lib.infers.spine import SpineInferTask
-from lib.pipeline.io import SCAN_PATTERNS, image_id, read_volume
-from lib.lifecycle.model_store import DEFAULT_MODEL_DIR, weights_path
+from lib.pipeline.io import SCAN_PATTERNS, atomic_write_text, image_id, read_volume
+from lib.lifecycle.model_store import DEFAULT_MODEL_DIR, model_version, weights_path
 from lib.pipeline.networks import build_network, select_device
 from lib.pipeline.plans import SpinePlan
 
@@ -79,38 +86,95 @@ def output_name(scan: Path) -> str:
     return image_id(str(scan))
 
 
+def already_done(stem: str, version: Optional[str]) -> bool:
+    """Whether ``<stem>.json`` reports a segmentation by model ``version`` (label file present)."""
+    try:
+        report = json.loads(Path(f"{stem}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return report.get("model_version") == version and Path(f"{stem}.nii.gz").exists()
+
+
+_WORKER: Dict[str, Any] = {}
+
+
+def _start_worker(model: Optional[str], conf: Dict[str, str], device: Optional[str], threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    _WORKER["segmenter"] = SpineSegmenter(model, conf, device)
+
+
+def _segment_one(scan: Path, stem: str) -> Tuple[str, Optional[Dict[str, Any]], Optional[str]]:
+    """(scan, report, error) of one scan in a worker; label and report written under ``stem``."""
+    try:
+        result = _WORKER["segmenter"].segment(scan, f"{stem}.nii.gz")
+    except SpineError as e:
+        return str(scan), None, str(e)
+    atomic_write_text(f"{stem}.json", json.dumps(result.report, indent=1, default=str))
+    return str(scan), result.report, None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("inputs", nargs="+", help="scan files, DICOM series folders, or folders of scans")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], fromfile_prefix_chars="@")
+    parser.add_argument("inputs", nargs="+", help="scan files, DICOM series folders, folders of scans, @LIST files")
     parser.add_argument("--output", required=True, help="folder for <name>_seg.nii.gz and <name>_seg.json")
     parser.add_argument("--model", default=None, help="weights file (default: model/spine.pt)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--workers", type=int, default=1, help="processes (each loads the model once)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads in all")
+    parser.add_argument("--redo", action="store_true", help="segment scans already done by this model too")
     parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="plan override, as on the server")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
 
     from tqdm import tqdm
 
-    scans = find_scans(args.inputs)
+    scans = find_scans(line.strip() for line in args.inputs if line.strip())
     missing = [str(s) for s in scans if not s.exists()]
     if missing:
         parser.error(f"not found: {', '.join(missing)}")
-    segmenter = SpineSegmenter(args.model, dict(args.conf), args.device)
+    model = str(args.model or weights_path(str(DEFAULT_MODEL_DIR)))
+    if not os.path.exists(model):
+        print(f"{model}: no trained weights", file=sys.stderr)
+        return 1
+    version = model_version(model)
     os.makedirs(args.output, exist_ok=True)
-    failures = 0
-    for scan in tqdm(scans, desc="segmenting", unit="scan", disable=len(scans) < 2, file=sys.stderr):
-        stem = os.path.join(args.output, f"{output_name(scan)}_seg")
-        try:
-            result = segmenter.segment(scan, f"{stem}.nii.gz")
-        except SpineError as e:
-            failures += 1
-            print(f"{scan}: {e}", file=sys.stderr)
-            continue
-        with open(f"{stem}.json", "w") as f:
-            json.dump(result.report, f, indent=1, default=str)
-        levels = result.report.get("levels", {})
-        state = "levels consistent" if levels.get("consistent") else "; ".join(levels.get("messages", []))
-        tqdm.write(f"{scan} -> {stem}.nii.gz ({state})", file=sys.stderr)
+    stems = {scan: os.path.join(args.output, f"{output_name(scan)}_seg") for scan in scans}
+    todo = [scan for scan in scans if args.redo or not already_done(stems[scan], version)]
+    if len(todo) < len(scans):
+        print(f"{len(scans) - len(todo)} of {len(scans)} scans already segmented by model {version}: skipped",
+              file=sys.stderr)
+    workers = min(args.workers, max(1, len(todo)))
+    failures, start = 0, time.time()
+    setup = (args.model, dict(args.conf), args.device, max(1, args.threads // workers))
+    if workers == 1:  # in this process: no second start-up of torch
+        _start_worker(*setup)
+        results = (_segment_one(scan, stems[scan]) for scan in todo)
+        pool = contextlib.nullcontext()
+    else:
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
+                                   initargs=setup)
+        results = (job.result() for job in [pool.submit(_segment_one, scan, stems[scan]) for scan in todo])
+    with pool:
+        for scan, report, error in tqdm(results, total=len(todo), desc="segmenting", unit="scan",
+                                        disable=len(todo) < 2, file=sys.stderr):
+            if error:
+                failures += 1
+                tqdm.write(f"{scan}: {error}", file=sys.stderr)
+                continue
+            levels = report.get("levels", {})
+            state = "levels consistent" if levels.get("consistent") else "; ".join(levels.get("messages", []))
+            tqdm.write(f"{scan} -> {stems[Path(scan)]}.nii.gz ({state})", file=sys.stderr)
+    if todo:
+        elapsed = time.time() - start
+        print(f"{len(todo) - failures} scans in {elapsed:.1f} s with {workers} process(es) "
+              f"({3600 * (len(todo) - failures) / elapsed:.0f} scans/hour, model load included)", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -96,3 +96,40 @@ def test_command_line_reports_failures(weights, tmp_path):
     )
     assert run.returncode == 1
     assert "broken.nii.gz" in run.stderr and "cannot read" in run.stderr
+
+
+def segment_cli(*args: str, weights) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lib.segment", *map(str, args), "--model", str(weights),
+                           "--conf", "preset", "tiny"], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_a_batch_from_a_list_resumes_where_it_stopped(weights, scans, tmp_path):
+    """``@LIST`` inputs; a second run skips what this model already segmented; a scan whose
+    report is missing (an interrupted run) is done again; ``--redo`` does them all."""
+    listing = tmp_path / "scans.txt"
+    listing.write_text(f"{scans['mha']}\n{scans['dicom']}\n")
+    out = tmp_path / "out"
+    first = segment_cli(f"@{listing}", "--output", out, weights=weights)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 scans in" in first.stderr and "scans/hour" in first.stderr
+    reports = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    assert sorted(reports) == ["dicom_series_seg.json", "scan_seg.json"]
+    again = segment_cli(f"@{listing}", "--output", out, weights=weights)
+    assert again.returncode == 0 and "2 of 2 scans already segmented" in again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == reports
+    (out / "scan_seg.json").unlink()  # as if the run had stopped before this report
+    resumed = segment_cli(f"@{listing}", "--output", out, weights=weights)
+    assert "1 of 2 scans already segmented" in resumed.stderr and (out / "scan_seg.json").exists()
+    assert (out / "dicom_series_seg.json").stat().st_mtime_ns == reports["dicom_series_seg.json"]
+    redo = segment_cli(f"@{listing}", "--output", out, "--redo", weights=weights)
+    assert "already segmented" not in redo.stderr and "2 scans in" in redo.stderr
+
+
+def test_two_worker_processes_give_the_same_labels(weights, scans, tmp_path):
+    inputs = [scans["mha"], scans["dicom"], scans["nifti"]]
+    one = segment_cli(*inputs, "--output", tmp_path / "one", weights=weights)
+    two = segment_cli(*inputs, "--output", tmp_path / "two", "--workers", "2", "--threads", "2", weights=weights)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert "with 2 process(es)" in two.stderr
+    for path in sorted((tmp_path / "one").glob("*.nii.gz")):
+        assert np.array_equal(read_volume(path)[0], read_volume(tmp_path / "two" / path.name)[0]), path.name
