@@ -133,3 +133,33 @@ def test_two_worker_processes_give_the_same_labels(weights, scans, tmp_path):
     assert "with 2 process(es)" in two.stderr
     for path in sorted((tmp_path / "one").glob("*.nii.gz")):
         assert np.array_equal(read_volume(path)[0], read_volume(tmp_path / "two" / path.name)[0]), path.name
+
+
+def test_monai_label_batch_infer_pre_segments_the_unlabeled_images(weights, scans, tmp_path):
+    """``POST /batch/infer/spine``: every unlabeled image gets an ``original`` label (the
+    pre-segmentation annotators correct); nothing becomes ``final``."""
+    import shutil
+
+    import requests
+
+    from conftest import Server
+
+    studies, model_dir = tmp_path / "studies", tmp_path / "model"
+    studies.mkdir()
+    model_dir.mkdir()
+    shutil.copy(scans["nifti"], studies / "scan_a.nii.gz")
+    shutil.copy(scans["mha"], studies / "scan_b.mha")
+    shutil.copy(weights, model_dir / "spine.pt")
+    server = Server(studies, model_dir, workdir=tmp_path, conf={"auto_train": "false"})
+    try:
+        r = requests.post(f"{server.url}/batch/infer/spine", params={"images": "unlabeled", "run_sync": "true"},
+                          timeout=600)
+        assert r.status_code == 200, r.text
+        listing = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=60).json()
+        labels = {image: sorted(info.get("labels", {})) for image, info in listing["objects"].items()}
+        assert labels == {"scan_a": ["original"], "scan_b": ["original"]}, (labels, server.log_text()[-3000:])
+        for image, source in (("scan_a", scans["nifti"]), ("scan_b", scans["mha"])):
+            saved = next((studies / "labels" / "original").glob(f"{image}.*"))
+            assert read_volume(saved)[0].shape == read_volume(source)[0].shape
+    finally:
+        server.stop()

@@ -84,6 +84,17 @@ class SpineServerMixin:
     def infer(self, request, datastore=None):
         return super().infer(self._checked_infer_request(request, datastore or self.datastore()), datastore)
 
+    def batch_infer(self, request, datastore=None):
+        """MONAI Label's batch infer (``POST /batch/infer/spine``): every image asked for gets an
+        ``original`` label. Without CUDA its default (``multi_gpu``) divides by the number of
+        GPUs, 0 (ZeroDivisionError, HTTP 500): on a CPU the images go to the CPU instead."""
+        import torch
+
+        request = dict(request)
+        if not torch.cuda.is_available():
+            request.update(multi_gpu=False, device="cpu")
+        return super().batch_infer(request, datastore)
+
     @staticmethod
     def _checked_infer_request(request: Dict[str, Any], datastore) -> Dict[str, Any]:
         """Refuse what an infer request must not do, before any file is read.
