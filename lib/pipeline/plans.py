@@ -102,6 +102,9 @@ class SpinePlan:
     kind_loss_weight: float = 1.0  # + this x the same loss on the 4 kinds (lib/pipeline/grouping.py); 0 = off
     class_weights: Tuple[float, ...] = ()  # per class incl. background, empty = uniform
     val_fraction: float = 0.2
+    # processes of the server's train task: GPUs with CUDA (NCCL), else CPU processes (gloo),
+    # each with its share of the training images and of the CPU threads; rank 0 validates
+    train_processes: int = 1
     # --- active learning -----------------------------------------------------------
     mc_samples: int = 5
     score_method: str = "full"  # full | fast (see lib/scoring/epistemic.py)
@@ -141,6 +144,8 @@ class SpinePlan:
             raise ValueError(f"label_decision must be one of {LABEL_DECISIONS}, got {self.label_decision!r}")
         if self.kind_loss_weight < 0:
             raise ValueError(f"kind_loss_weight must be >= 0, got {self.kind_loss_weight}")
+        if self.train_processes < 1:
+            raise ValueError(f"train_processes must be at least 1, got {self.train_processes}")
         if self.loss not in ("dice_ce", "dice_focal"):
             raise ValueError(f"loss must be dice_ce or dice_focal, got {self.loss!r}")
 

@@ -14,8 +14,10 @@ and serves only if it does at least as well as the serving model on the same ima
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -34,7 +36,7 @@ from lib.lifecycle.promotion import ServingGuard
 from lib.lifecycle.splits import split_path, test_ids, update_split
 from lib.pipeline.grouping import KindAwareLoss, decide
 from lib.pipeline.levels import finish_label
-from lib.pipeline.io import image_id
+from lib.pipeline.io import atomic_write_text, image_id
 from lib.pipeline.labels import LABELS, NUM_CLASSES
 from lib.pipeline.metrics import dice_handler
 from lib.pipeline.networks import build_network, check_plan
@@ -156,8 +158,40 @@ class SpineTrainTask(BasicTrainTask):
     def finalize(self, context: Context):
         super().finalize(context)
         # MONAI Label would publish a run's best checkpoint even when it is worse than what
-        # serves now; the guard decides once the run has ended (see __call__).
-        self._guard = ServingGuard(self, context)
+        # serves now; the guard decides once the run has ended (see train), on rank 0 only.
+        self._guard = ServingGuard(self, context) if context.local_rank == 0 else None
+
+    # --- one process, or several (torch.distributed) ---------------------------------
+    def train(self, rank, world_size, request, datalist):
+        """One process's run (MONAI Label calls it once, or in each spawned process); rank 0
+        then concludes the promotion, so that it happens once and also when the run was
+        spread over processes (whose objects the calling process never sees)."""
+        if request.get("multi_gpu"):  # a spawned process: seeded like the calling one, per rank
+            set_determinism(seed=self.plan.train_seed + rank)
+            if not torch.cuda.is_available():
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_size)))
+        self._guard = None
+        stats = super().train(rank, world_size, request, datalist)
+        if rank == 0 and self._guard is not None:
+            outcome = self._guard.conclude()
+            if isinstance(stats, dict) and outcome:
+                stats["version"] = {k: outcome.get(k) for k in ("version", "promoted", "decision", "val_mean_dice")}
+                if request.get("multi_gpu"):  # the calling process answers with the stats file
+                    atomic_write_text(self._stats_path, json.dumps(stats, indent=2, default=str))
+        return stats
+
+    def _device(self, context: Context):
+        if context.multi_gpu and not torch.cuda.is_available():
+            return torch.device("cpu")  # gloo processes on the CPU (plan.train_processes)
+        return super()._device(context)
+
+    def _create_network_and_optimizer(self, context: Context):
+        if not (context.multi_gpu and context.device.type == "cpu"):
+            return super()._create_network_and_optimizer(context)
+        network = self.network(context).to(context.device)
+        context.network = network
+        optimizer = self.optimizer(context)
+        return torch.nn.parallel.DistributedDataParallel(network), optimizer
 
     def __call__(self, request, datastore):
         request = dict(request)
@@ -175,13 +209,23 @@ class SpineTrainTask(BasicTrainTask):
         # every run moves the auto-train counters, also one started by a train request
         record_run_start(self.model_dir, [image_key(r) for r in datalist])
         set_determinism(seed=self.plan.train_seed)  # a run is reproducible (training runs in its own process)
-        self._guard = None
-        stats = super().__call__(request, datastore)
-        if self._guard is not None:
-            outcome = self._guard.conclude()
-            if isinstance(stats, dict) and outcome:
-                stats["version"] = {k: outcome.get(k) for k in ("version", "promoted", "decision", "val_mean_dice")}
-        return stats
+        request.update(self._processes_request())
+        return super().__call__(request, datastore)
+
+    def _processes_request(self) -> Dict[str, Any]:
+        """How MONAI Label is to spread the run (``plan.train_processes``): one process; several
+        GPUs (its own NCCL path); or, without CUDA, several CPU processes joined by gloo over
+        loopback (its path counts CUDA devices only, so the process count is given as ids)."""
+        n = self.plan.train_processes
+        if n <= 1:
+            return {"multi_gpu": False}
+        if torch.cuda.is_available():
+            return {"multi_gpu": True, "gpus": ",".join(str(i) for i in range(min(n, torch.cuda.device_count())))}
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        return {"multi_gpu": True, "gpus": ",".join(str(i) for i in range(n)), "distributed_backend": "gloo",
+                "distributed_url": f"tcp://127.0.0.1:{port}"}
 
 
 def _label_post_transforms(plan: SpinePlan, finish: bool = False) -> List[Any]:
