@@ -4,7 +4,12 @@
     python -m lib.segment @scans.txt --output DIR --workers 2      # a list, two processes
 
 INPUT is a scan file (NIfTI, NRRD, MHA/MHD), a DICOM series folder, or a folder of scans;
-``@FILE`` reads more inputs from FILE, one a line. Each scan gives ``DIR/<name>_seg.nii.gz``
+``@FILE`` reads more inputs from FILE, one a line. INPUT may also be a DICOMweb URL
+(``http(s)://.../dicom-web``): every series its search filter lists (MR by default, as the
+server's ``--studies URL``; credentials from ``MONAI_LABEL_DICOMWEB_USERNAME``/``PASSWORD``)
+is fetched, segmented, and stored back in the PACS as an ``original`` DICOM SEG
+(:func:`lib.server.dicomweb.store_original_seg`), which annotators then correct; series
+that already have a SEG of this app (original or final) are skipped unless ``--redo``. Each scan gives ``DIR/<name>_seg.nii.gz``
 (same shape and affine as the scan) and ``DIR/<name>_seg.json`` (volumes in mL, level
 report, model version), the report written last and atomically: a scan whose report
 exists for the same model version is skipped, so an interrupted batch resumes where it
@@ -86,6 +91,23 @@ def output_name(scan: Path) -> str:
     return image_id(str(scan))
 
 
+def fetch_pacs_series(url: str, conf: Dict[str, str], redo: bool):
+    """(datastore, local scan paths, {path: series UID}) of the series of a DICOMweb server
+    that have no SEG of this app yet (all with ``redo``), each fetched into the datastore's
+    cache as the server does."""
+    from lib.server.dicomweb import init_dicomweb_datastore, segmented_series
+
+    store = init_dicomweb_datastore(url, conf)
+    series = store.list_images()
+    done = {} if redo else segmented_series(store._client)
+    todo = [s for s in series if s not in done]
+    if len(todo) < len(series):
+        print(f"{len(series) - len(todo)} of {len(series)} series already have a SEG "
+              f"({', '.join(sorted(set(done[s] for s in series if s in done)))}): skipped", file=sys.stderr)
+    paths = {Path(store.get_image_uri(s)): s for s in todo}
+    return store, list(paths), paths
+
+
 def already_done(stem: str, version: Optional[str]) -> bool:
     """Whether ``<stem>.json`` reports a segmentation by model ``version`` (label file present)."""
     try:
@@ -135,7 +157,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from tqdm import tqdm
 
-    scans = find_scans(line.strip() for line in args.inputs if line.strip())
+    inputs = [line.strip() for line in args.inputs if line.strip()]
+    urls = [i for i in inputs if i.startswith(("http://", "https://"))]
+    if urls and len(urls) != len(inputs):
+        parser.error("give either one DICOMweb URL or files and folders, not both")
+    if len(urls) > 1:
+        parser.error("one DICOMweb URL at a time")
+    pacs = None
+    if urls:
+        pacs, scans, series_of = fetch_pacs_series(urls[0], dict(args.conf), args.redo)
+    else:
+        scans = find_scans(inputs)
     missing = [str(s) for s in scans if not s.exists()]
     if missing:
         parser.error(f"not found: {', '.join(missing)}")
@@ -146,7 +178,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     version = model_version(model)
     os.makedirs(args.output, exist_ok=True)
     stems = {scan: os.path.join(args.output, f"{output_name(scan)}_seg") for scan in scans}
-    todo = [scan for scan in scans if args.redo or not already_done(stems[scan], version)]
+    # from a PACS, its SEGs say what is done (fetch_pacs_series); else the reports in --output
+    todo = [scan for scan in scans if pacs is not None or args.redo or not already_done(stems[scan], version)]
     if len(todo) < len(scans):
         print(f"{len(scans) - len(todo)} of {len(scans)} scans already segmented by model {version}: skipped",
               file=sys.stderr)
@@ -170,7 +203,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             levels = report.get("levels", {})
             state = "levels consistent" if levels.get("consistent") else "; ".join(levels.get("messages", []))
-            tqdm.write(f"{scan} -> {stems[Path(scan)]}.nii.gz ({state})", file=sys.stderr)
+            target = f"{stems[Path(scan)]}.nii.gz"
+            if pacs is not None:
+                from lib.server.dicomweb import store_original_seg
+
+                seg = store_original_seg(pacs, series_of[Path(scan)], target)
+                target = f"the PACS (SEG {seg.SeriesInstanceUID} of series {series_of[Path(scan)]})"
+            tqdm.write(f"{scan} -> {target} ({state})", file=sys.stderr)
     if todo:
         elapsed = time.time() - start
         print(f"{len(todo) - failures} scans in {elapsed:.1f} s with {workers} process(es) "

@@ -453,3 +453,49 @@ def test_ohif_monai_label_panel_runs_the_auto_segmentation(site, tmp_path):
     assert coloured_after > coloured_before
     ohif_request = f"Infer Request: {{'model': 'spine', 'image': '{site['mr']}', 'result_extension': '.nrrd'"
     assert ohif_request in site["server"].log_text()  # the panel's request (NRRD, as the plugin asks)
+
+
+def test_batch_pre_segmentation_of_the_pacs_stores_original_segs(site, tmp_path):
+    """``python -m lib.segment URL``: every MR series without a SEG of the app gets an
+    ``original`` SEG in the PACS; the series with the annotator's final SEG and the CT series
+    are left alone; a second run skips what is done; an original SEG does not make its
+    series count as labelled (training never takes a pre-segmentation for a correction)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from lib.server.dicomweb import ORIGINAL_SEG_DESCRIPTION, init_dicomweb_datastore
+
+    new_paths, *_ = phantom_series(tmp_path / "mr5", seed=5)
+    new_series = pacs.upload_series(new_paths, site["orthanc"]["dicomweb"], *site["orthanc"]["auth"])[0]
+    env = dict(os.environ, **server_env(site["orthanc"], tmp_path / "cache"))
+
+    def segment(*extra):
+        return subprocess.run([sys.executable, "-m", "lib.segment", site["orthanc"]["dicomweb"], "--output",
+                               str(tmp_path / "out"), "--model", str(site["model_dir"] / "spine.pt"),
+                               "--conf", "preset", "tiny", *extra], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    first = segment()
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "1 of 2 series already have a SEG (final): skipped" in first.stderr  # PHANTOM3's final SEG
+    originals = [s for s in qido(site["orthanc"], Modality="SEG", includefield="SeriesDescription")
+                 if pydicom.Dataset.from_json(s).get("SeriesDescription") == ORIGINAL_SEG_DESCRIPTION]
+    assert len(originals) == 1
+    seg = pydicom.Dataset.from_json(originals[0])
+    r = requests.get(f"{site['orthanc']['dicomweb']}/studies/{seg.StudyInstanceUID}/series/{seg.SeriesInstanceUID}"
+                     "/metadata", auth=site["orthanc"]["auth"], timeout=30)
+    assert pydicom.Dataset.from_json(r.json()[0]).ReferencedSeriesSequence[0].SeriesInstanceUID == new_series
+
+    again = segment()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 of 2 series already have a SEG (final, original): skipped" in again.stderr
+
+    with pytest.MonkeyPatch.context() as mp:
+        from monailabel.config import settings
+
+        for key, value in server_env(site["orthanc"], tmp_path / "cache-check").items():
+            mp.setattr(settings, key, value)
+        store = init_dicomweb_datastore(site["orthanc"]["dicomweb"])
+        assert new_series in store.list_images()
+        assert new_series not in store.get_labeled_images() and site["mr"] in store.get_labeled_images()

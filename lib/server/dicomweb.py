@@ -4,6 +4,8 @@
   ``MONAI_LABEL_DICOMWEB_SEARCH_FILTER`` says otherwise (MONAI Label's default is CT);
 - credentials come from ``MONAI_LABEL_DICOMWEB_USERNAME``/``PASSWORD`` (or the newer
   ``MONAI_LABEL_DATASTORE_USERNAME``/``PASSWORD``);
+- a pre-segmentation stored by ``python -m lib.segment URL`` is an ``original`` SEG
+  (:data:`ORIGINAL_SEG_DESCRIPTION`): its series stays unlabelled for the server;
 - dcmqi is neither needed nor downloaded: a ``final`` label is written as DICOM SEG by
   :func:`lib.pipeline.dicom.write_dicom_seg` (pydicom-seg), one segment per structure with our
   names and colours, referencing the source series, and stored in the PACS (STOW-RS);
@@ -35,6 +37,12 @@ from lib.pipeline.errors import InvalidInput
 from lib.pipeline.io import check_upload, conform_label
 
 logger = logging.getLogger(__name__)
+
+#: SeriesDescription of the SEGs the app stores: a ``final`` label (an annotator's), and an
+#: ``original`` one (a pre-segmentation by ``python -m lib.segment URL``, for annotators to
+#: correct): only final SEGs make a series count as labelled
+FINAL_SEG_DESCRIPTION = "Spine segmentation"
+ORIGINAL_SEG_DESCRIPTION = "Spine pre-segmentation (original)"
 
 #: what the app lists from a PACS unless MONAI_LABEL_DICOMWEB_SEARCH_FILTER is set
 DEFAULT_SEARCH_FILTER = {"Modality": "MR"}
@@ -87,7 +95,7 @@ def init_dicomweb_datastore(studies: str, conf: Optional[Dict[str, Any]] = None)
     elif user:
         session = requests.Session()
         session.auth = (user, password)
-    client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+    client = SpineDICOMwebClient(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
                              wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
                              stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
     cache_path = (_settings_value("MONAI_LABEL_DATASTORE_CACHE_PATH", "MONAI_LABEL_DICOMWEB_CACHE_PATH") or "").strip()
@@ -101,6 +109,53 @@ def init_dicomweb_datastore(studies: str, conf: Optional[Dict[str, Any]] = None)
     logger.info(f"DICOMweb datastore {url}: search filter {store._search_filter}, "
                 f"{'with' if user else 'without'} credentials")
     return store
+
+
+class SpineDICOMwebClient(DICOMwebClientX):
+    """MONAI Label's client, but its query for labels (``{"Modality": "SEG"}``, made by the
+    datastore's labelled/unlabelled lists and training datalist) sees the final SEGs only:
+    a pre-segmentation stored as ``original`` leaves its series unlabelled."""
+
+    def search_for_series(self, *args, **kwargs):
+        if kwargs.get("search_filters") != {"Modality": "SEG"}:
+            return super().search_for_series(*args, **kwargs)
+        kwargs["fields"] = list(kwargs.get("fields") or []) + ["SeriesDescription"]
+        return [ds for ds in super().search_for_series(*args, **kwargs) if not is_original_seg(ds)]
+
+
+def is_original_seg(series_json: Dict[str, Any]) -> bool:
+    """Whether a QIDO series answer (DICOM JSON) is a pre-segmentation SEG of this app."""
+    values = (series_json.get("0008103E") or {}).get("Value") or [""]
+    return str(values[0]) == ORIGINAL_SEG_DESCRIPTION
+
+
+def segmented_series(client) -> Dict[str, str]:
+    """{image series UID: ``final`` or ``original``} of the series a SEG of this PACS refers
+    to (final wins), read from each SEG's metadata."""
+    import pydicom
+
+    tags: Dict[str, str] = {}
+    for series in DICOMwebClientX.search_for_series(client, search_filters={"Modality": "SEG"},
+                                                     fields=["SeriesDescription"]):
+        seg = pydicom.Dataset.from_json(series)
+        meta = pydicom.Dataset.from_json(client.retrieve_series_metadata(str(seg.StudyInstanceUID),
+                                                                         str(seg.SeriesInstanceUID))[0])
+        for ref in meta.get("ReferencedSeriesSequence") or []:
+            tag = "original" if is_original_seg(series) else "final"
+            if tags.get(str(ref.SeriesInstanceUID)) != "final":
+                tags[str(ref.SeriesInstanceUID)] = tag
+    return tags
+
+
+def store_original_seg(store: "SpineDICOMwebDatastore", image_id: str, label_path: str):
+    """Store ``label_path`` (our values, on the grid of series ``image_id``) in the PACS as an
+    ``original`` SEG referencing that series; returns the SEG dataset."""
+    series_dir = os.path.realpath(os.path.join(store._datastore.image_path(), image_id))
+    with tempfile.TemporaryDirectory(prefix="spine-seg-") as tmp:
+        seg = write_dicom_seg(label_path, series_dir, os.path.join(tmp, "seg.dcm"),
+                              series_description=ORIGINAL_SEG_DESCRIPTION)
+    store._client.store_instances([seg])
+    return seg
 
 
 class SpineDICOMwebDatastore(DICOMWebDatastore):
@@ -123,7 +178,7 @@ class SpineDICOMwebDatastore(DICOMWebDatastore):
                     raise InvalidInput("the label is empty: a final label must contain at least one structure")
                 series_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
                 seg_path = os.path.join(tmp, "seg.dcm")
-                seg = write_dicom_seg(conformed, series_dir, seg_path)
+                seg = write_dicom_seg(conformed, series_dir, seg_path, series_description=FINAL_SEG_DESCRIPTION)
                 self._client.store_instances([seg])
                 image_info = self.get_image_info(image_id)
                 label_info.update({
