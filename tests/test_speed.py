@@ -88,11 +88,32 @@ def test_fast_and_full_scores_are_reproducible_and_positive(tmp_path):
     plan = SpinePlan.from_conf({**TINY, "dropout": "0.3", "mc_samples": "3"})
     scorer = EpistemicScorer(build_network(plan), plan)
     image = scorer.prepare(str(scan))
-    for method in ("full", "fast"):
+    for method in ("full", "fast", "slices"):
         first, again = scorer.score(image, method=method), scorer.score(image, method=method)
         assert first == again and first > 0
     with pytest.raises(ValueError, match="score_method"):
         scorer.score(image, method="slow")
+
+
+def test_slice_scoring_computes_the_chosen_slices_as_the_full_computation(tmp_path):
+    """Without dropout the passes are deterministic: the slices method's probabilities on
+    every step-th slice equal the full sliding-window computation's on those slices."""
+    from monai.inferers import SlidingWindowInferer
+
+    scan = _scan_in_air(tmp_path / "scan.nii.gz")
+    plan = SpinePlan.from_conf({**TINY, "dropout": "0", "roi_size": "-1,32,64"})
+    torch.manual_seed(3)
+    scorer = EpistemicScorer(build_network(plan), plan)
+    x = torch.as_tensor(scorer.prepare(str(scan)), dtype=torch.float32)[None]
+    with torch.no_grad():
+        full = torch.softmax(SlidingWindowInferer(plan.roi_size, sw_batch_size=2, overlap=plan.sw_overlap,
+                                                  mode="gaussian")(x, scorer.network)[0], 0)
+        chosen = scorer.slice_probabilities(x, samples=2, step=2)
+    nx = x.shape[2]
+    assert chosen.shape == (2, 12, len(range(1, nx, 2)), *x.shape[3:])
+    assert torch.allclose(chosen[0], full[:, 1::2], atol=1e-4) and torch.allclose(chosen[1], chosen[0], atol=1e-5)
+    with pytest.raises(ValueError, match="2.5d"):
+        SpinePlan.from_conf({"preset": "3d", "score_method": "slices"})
 
 
 def test_full_fov_scan_geometry(tmp_path):

@@ -20,6 +20,8 @@ from typing import Any, Dict, Mapping, Tuple
 LABEL_DECISIONS: Tuple[str, ...] = ("kind_first", "argmax")
 #: the network modes a plan can name (``network_mode``; built in lib/pipeline/networks.py)
 NETWORK_MODES: Tuple[str, ...] = ("2.5d", "3d")
+#: epistemic scoring computations (``score_method``; lib/scoring/epistemic.py)
+SCORE_METHODS: Tuple[str, ...] = ("full", "fast", "slices")
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # Real sagittal lumbar MRI on hospital CPUs, 2.5D: a 2D SwinUNETR on each sagittal slice
@@ -107,8 +109,9 @@ class SpinePlan:
     train_processes: int = 1
     # --- active learning -----------------------------------------------------------
     mc_samples: int = 5
-    score_method: str = "full"  # full | fast (see lib/scoring/epistemic.py)
+    score_method: str = "full"  # full | fast | slices (2.5d) (see lib/scoring/epistemic.py)
     score_spacing: Tuple[float, float, float] = (2.0, 3.0, 3.0)  # mm, RAS: the fast scorer's coarser grid
+    score_slice_step: int = 4  # slices method: every this many sagittal slices are scored
     # --- bookkeeping ---------------------------------------------------------------
     preset: str = "default"
     extra: Dict[str, str] = field(default_factory=dict, compare=False)
@@ -138,8 +141,12 @@ class SpinePlan:
             raise ValueError(f"target_spacing must be positive, got {self.target_spacing}")
         if not 0 <= self.sw_overlap < 1:
             raise ValueError(f"sw_overlap must lie in [0, 1), got {self.sw_overlap}")
-        if self.score_method not in ("fast", "full"):
-            raise ValueError(f"score_method must be fast or full, got {self.score_method!r}")
+        if self.score_method not in SCORE_METHODS:
+            raise ValueError(f"score_method must be one of {SCORE_METHODS}, got {self.score_method!r}")
+        if self.score_method == "slices" and self.network_mode != "2.5d":
+            raise ValueError("score_method slices needs the 2.5d network (it scores single sagittal slices)")
+        if self.score_slice_step < 1:
+            raise ValueError(f"score_slice_step must be at least 1, got {self.score_slice_step}")
         if self.label_decision not in LABEL_DECISIONS:
             raise ValueError(f"label_decision must be one of {LABEL_DECISIONS}, got {self.label_decision!r}")
         if self.kind_loss_weight < 0:
