@@ -57,12 +57,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from lib.pipeline.grouping import decide
-from lib.tools.measure import MemorySampler
 from lib.lifecycle.model_store import DEFAULT_MODEL_DIR, REPO_ROOT, weights_path
 from lib.pipeline.errors import PlanMismatch
+from lib.pipeline.grouping import decide
 from lib.pipeline.networks import build_network, check_plan, load_network
 from lib.pipeline.plans import SpinePlan
+from lib.tools.measure import MemorySampler
 
 SAMPLE_DATA = REPO_ROOT / "sample-data"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

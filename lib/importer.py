@@ -308,8 +308,8 @@ def _write_nifti(series_dir: str, studies: str, image_id: str) -> str:
     import nibabel as nib
     import numpy as np
 
-    from lib.server.datastore import check_name
     from lib.pipeline.io import atomic_output, read_volume
+    from lib.server.datastore import check_name
 
     check_name(image_id, "image id")
     os.makedirs(studies, exist_ok=True)

@@ -31,9 +31,9 @@ from typing import Dict, List, Optional, Sequence
 
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from lib.server.datastore import SpineDatastore, check_name
 from lib.lifecycle.model_store import model_dir_from_conf
 from lib.lifecycle.splits import assign, read_split, split_path
+from lib.server.datastore import SpineDatastore, check_name
 
 logger = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from lib.pipeline.errors import SpineError
 from lib.infers.spine import SpineInferTask
-from lib.pipeline.io import SCAN_PATTERNS, atomic_write_text, image_id, read_volume
 from lib.lifecycle.model_store import DEFAULT_MODEL_DIR, model_version, weights_path
+from lib.pipeline.errors import SpineError
+from lib.pipeline.io import SCAN_PATTERNS, atomic_write_text, image_id, read_volume
 from lib.pipeline.networks import build_network, select_device
 from lib.pipeline.plans import SpinePlan
 

@@ -57,13 +57,13 @@ from monai.transforms import Compose, RandAffined
 from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 
+from lib.lifecycle.model_store import file_sha256, record_path, version_id, weights_path
+from lib.lifecycle.promotion import measure
+from lib.pipeline.io import atomic_copy, atomic_output, atomic_write_text
 from lib.pipeline.labels import IGNORE_VALUE
 from lib.pipeline.losses import COMPLETE, Annotation, marginal_cross_entropy
-from lib.pipeline.io import atomic_copy, atomic_output, atomic_write_text
-from lib.lifecycle.model_store import file_sha256, record_path, version_id, weights_path
 from lib.pipeline.networks import SagittalSlabNetwork, build_network, load_weights, select_device
 from lib.pipeline.plans import SpinePlan
-from lib.lifecycle.promotion import measure
 from lib.pipeline.transforms import intensity_augmentation, load_and_resample
 
 SPIDER_PREFIX = "spider_"

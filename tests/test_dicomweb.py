@@ -57,8 +57,8 @@ def orthanc(tmp_path_factory):
 
 def phantom_series(out_dir: Path, seed: int, modality: str = "MR"):
     """A small phantom written as a DICOM series; returns (series files, image array, label array, affine)."""
-    from lib.pipeline.dicom import write_dicom_series
     from lib.phantom import make_phantom
+    from lib.pipeline.dicom import write_dicom_series
 
     image, label, affine = make_phantom(seed, shape=(24, 48, 48), spacing=(4.0, 4.0, 4.0), orientation="LPS")
     paths = write_dicom_series(image, affine, str(out_dir), patient_id=f"PHANTOM{seed}")
@@ -249,8 +249,8 @@ def test_after_a_restart_the_series_counts_as_labelled(site):
 
 
 def test_training_datalist_reads_the_label_back_from_the_seg(site, tmp_path):
-    from lib.server.dicomweb import init_dicomweb_datastore
     from lib.pipeline.io import read_volume
+    from lib.server.dicomweb import init_dicomweb_datastore
 
     with pytest.MonkeyPatch.context() as mp:
         for key, value in server_env(site["orthanc"], tmp_path / "cache").items():

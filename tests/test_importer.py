@@ -76,8 +76,8 @@ NESTED = {
 
 def identified_series(out_dir: Path):
     """A phantom series with identifiers everywhere; returns (paths, original UIDs, image, affine)."""
-    from lib.pipeline.dicom import write_dicom_series
     from lib.phantom import make_phantom
+    from lib.pipeline.dicom import write_dicom_series
 
     image, _, affine = make_phantom(5, shape=(20, 40, 40), spacing=(4.0, 4.0, 4.0), orientation="LPS")
     paths = write_dicom_series(image, affine, str(out_dir))

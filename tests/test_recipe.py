@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from conftest import REPO, shared_data
-from lib.pipeline.errors import PlanMismatch
 from lib.lifecycle.model_store import file_sha256
+from lib.pipeline.errors import PlanMismatch
+from lib.pipeline.losses import Annotation, marginal_cross_entropy
 from lib.pipeline.networks import load_network
 from lib.pipeline.plans import SpinePlan
-from lib.pipeline.losses import Annotation, marginal_cross_entropy
 from lib.train_recipe import SlabSampler, choose_cases, learning_rate, preprocess
 
 TINY = ["--conf", "preset", "tiny"]

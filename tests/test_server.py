@@ -19,8 +19,8 @@ import requests
 from monailabel.client import MONAILabelClient
 
 from conftest import Server, reliable_spider_ids, small_scan, snapshot
-from lib.pipeline.labels import LABELS, NAMES, NUM_CLASSES
 from lib.lifecycle.model_store import model_version
+from lib.pipeline.labels import LABELS, NAMES, NUM_CLASSES
 
 ORIENTATIONS = ["LPS", "PIR", "RAS"]
 

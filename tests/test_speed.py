@@ -22,8 +22,8 @@ from lib.scoring.epistemic import (
     fitted_roi,
     sample_stack,
 )
-from lib.segment import SpineSegmenter
 from lib.pipeline.transforms import body_mask, infer_pre_transforms
+from lib.segment import SpineSegmenter
 
 TINY = {"preset": "tiny"}
 

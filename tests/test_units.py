@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import reliable_spider_ids, small_scan
+from lib.lifecycle.splits import update_split
 from lib.pipeline.errors import InvalidInput
 from lib.pipeline.io import conform_label, read_volume, remap_to_label_table
 from lib.pipeline.labels import CANAL, DISCS, LABELS, NAMES, VERTEBRAE, disc_between, value_of
 from lib.pipeline.plans import SpinePlan
-from lib.lifecycle.splits import update_split
 
 
 def test_label_table_is_contiguous_and_complete():

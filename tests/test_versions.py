@@ -21,9 +21,9 @@ import requests
 from monailabel.client import MONAILabelClient
 
 from conftest import REPO, Server, reliable_spider_ids, small_scan
+from lib.lifecycle.model_store import file_sha256, model_version
 from lib.pipeline.io import write_label
 from lib.pipeline.labels import NAMES
-from lib.lifecycle.model_store import file_sha256, model_version
 from lib.scoring.epistemic import SCORE_KEY
 from test_server import put_label
 

@@ -8,10 +8,10 @@ import os
 
 from monailabel.interfaces.app import MONAILabelApp
 
-from lib.server.app import SpineServerMixin
 from lib.configs.spine import SpineConfig
-from lib.pipeline.labels import LABELS
 from lib.lifecycle.model_store import MODEL_NAME, model_dir_from_conf
+from lib.pipeline.labels import LABELS
+from lib.server.app import SpineServerMixin
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning.epistemic import EpistemicStrategy
 from lib.infers.spine import SpineInferTask
-from lib.pipeline.labels import COLORS, LABELS
 from lib.lifecycle.model_store import weights_path
+from lib.lifecycle.versions import install_starter
+from lib.pipeline.labels import COLORS, LABELS
 from lib.pipeline.networks import build_network
 from lib.pipeline.plans import SpinePlan
 from lib.scoring.epistemic import EpistemicScoring
-from lib.lifecycle.versions import install_starter
 from lib.trainers.spine import SpineTrainTask
 
 logger = logging.getLogger(__name__)

@@ -25,11 +25,11 @@ from monai.transforms import MapTransform
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from lib.lifecycle.model_store import model_version
 from lib.pipeline.errors import ModelNotTrained
 from lib.pipeline.io import unpack_dicom_zip
 from lib.pipeline.labels import COLORS, LABELS
 from lib.pipeline.levels import finish_label
-from lib.lifecycle.model_store import model_version
 from lib.pipeline.networks import check_plan, weights_do_not_fit
 from lib.pipeline.plans import SpinePlan
 from lib.pipeline.postprocess import structure_volumes_ml

@@ -35,8 +35,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 from filelock import FileLock
 
-from lib.pipeline.io import atomic_write_text
 from lib.lifecycle.splits import split_path, test_ids
+from lib.pipeline.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

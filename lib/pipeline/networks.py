@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import WindowAttention
 
+from lib.lifecycle.model_store import recorded_plan
 from lib.pipeline.errors import PlanMismatch
 from lib.pipeline.labels import NUM_CLASSES
-from lib.lifecycle.model_store import recorded_plan
 from lib.pipeline.plans import SpinePlan
 
 

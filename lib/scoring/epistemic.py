@@ -45,8 +45,8 @@ from monai.transforms import Compose
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from lib.pipeline.grouping import decide
 from lib.lifecycle.model_store import model_version, weights_path
+from lib.pipeline.grouping import decide
 from lib.pipeline.networks import SagittalSlabNetwork, enable_mc_dropout, load_network, select_device
 from lib.pipeline.plans import SCORE_METHODS, SpinePlan
 from lib.pipeline.transforms import infer_pre_transforms

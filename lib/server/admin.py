@@ -25,8 +25,8 @@ from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC
 
 from lib.lifecycle import versions
-from lib.pipeline.errors import SpineError
 from lib.lifecycle.model_store import MODEL_NAME, model_version, weights_path
+from lib.pipeline.errors import SpineError
 
 logger = logging.getLogger(__name__)
 

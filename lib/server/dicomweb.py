@@ -31,10 +31,10 @@ from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from lib.server.datastore import TAG_PATTERN, check_name
 from lib.pipeline.dicom import write_dicom_seg
 from lib.pipeline.errors import InvalidInput
 from lib.pipeline.io import check_upload, conform_label
+from lib.server.datastore import TAG_PATTERN, check_name
 
 logger = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from monailabel.config import settings
 from starlette.middleware import Middleware
 
+from lib.pipeline.io import LIMITS
 from lib.server.admin import install_admin
 from lib.server.auth import AccessControl, install_token_check, send_json
-from lib.pipeline.io import LIMITS
 
 logger = logging.getLogger(__name__)
 

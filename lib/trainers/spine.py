@@ -35,15 +35,16 @@ from lib.lifecycle.model_store import runs_dir, weights_path
 from lib.lifecycle.promotion import ServingGuard
 from lib.lifecycle.splits import split_path, test_ids, update_split
 from lib.pipeline.grouping import KindAwareLoss, decide
-from lib.pipeline.levels import finish_label
 from lib.pipeline.io import atomic_write_text, image_id
 from lib.pipeline.labels import LABELS, NUM_CLASSES
+from lib.pipeline.levels import finish_label
 from lib.pipeline.metrics import dice_handler
 from lib.pipeline.networks import build_network, check_plan
 from lib.pipeline.plans import SpinePlan
 from lib.pipeline.transforms import train_pre_transforms, val_pre_transforms
 
 logger = logging.getLogger(__name__)
+
 
 def image_key(record: Dict[str, Any]) -> str:
     """Datastore image id of a datalist record (:func:`lib.pipeline.io.image_id` of its image)."""
