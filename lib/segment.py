@@ -163,6 +163,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("give either one DICOMweb URL or files and folders, not both")
     if len(urls) > 1:
         parser.error("one DICOMweb URL at a time")
+    model = str(args.model or weights_path(str(DEFAULT_MODEL_DIR)))
+    if not os.path.exists(model):
+        print(f"{model}: no trained weights", file=sys.stderr)
+        return 1
+    version = model_version(model)
     pacs = None
     if urls:
         pacs, scans, series_of = fetch_pacs_series(urls[0], dict(args.conf), args.redo)
@@ -171,11 +176,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     missing = [str(s) for s in scans if not s.exists()]
     if missing:
         parser.error(f"not found: {', '.join(missing)}")
-    model = str(args.model or weights_path(str(DEFAULT_MODEL_DIR)))
-    if not os.path.exists(model):
-        print(f"{model}: no trained weights", file=sys.stderr)
-        return 1
-    version = model_version(model)
     os.makedirs(args.output, exist_ok=True)
     stems = {scan: os.path.join(args.output, f"{output_name(scan)}_seg") for scan in scans}
     # from a PACS, its SEGs say what is done (fetch_pacs_series); else the reports in --output
@@ -207,7 +207,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             if pacs is not None:
                 from lib.server.dicomweb import store_original_seg
 
-                seg = store_original_seg(pacs, series_of[Path(scan)], target)
+                try:
+                    seg = store_original_seg(pacs, series_of[Path(scan)], target)
+                except Exception as e:  # an empty result, a PACS refusal: the others go on
+                    failures += 1
+                    tqdm.write(f"{scan}: not stored in the PACS: {e}", file=sys.stderr)
+                    continue
                 target = f"the PACS (SEG {seg.SeriesInstanceUID} of series {series_of[Path(scan)]})"
             tqdm.write(f"{scan} -> {target} ({state})", file=sys.stderr)
     if todo:
