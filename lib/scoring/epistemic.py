@@ -7,12 +7,12 @@ over the voxels any pass calls foreground (by the plan's ``label_decision``):
 high where the passes disagree, i.e. where the model's knowledge is thin, not where the
 image is merely ambiguous.
 
-Two ways to compute it (``--conf score_method full|fast``):
+Three ways to compute it (``--conf score_method slices|full|fast``):
 
-* ``full`` (default): what MONAI Label's epistemic scoring does, ``mc_samples``
-  sliding-window passes over the body-cropped scan at the model spacing with the infer
-  window layout;
-* ``slices`` (2.5D only): the same passes on every ``score_slice_step``-th sagittal slice
+* ``full``: what MONAI Label's epistemic scoring does, ``mc_samples`` sliding-window passes
+  over the body-cropped scan at the model spacing with the infer window layout (the
+  default of the 3D plan);
+* ``slices`` (2.5D only, its default): the same passes on every ``score_slice_step``-th sagittal slice
   (each from its own slab of neighbours, so a scored slice is computed exactly as in the
   full computation), the samples of each in-plane window as one batch; the score is the
   mean mutual information over the foreground of the scored slices;
@@ -139,7 +139,7 @@ def sample_stack(network: torch.nn.Module, samples: int):
 
 
 class EpistemicScorer:
-    """MC-dropout mutual information of one scan, by the ``full`` or the ``fast`` computation."""
+    """MC-dropout mutual information of one scan, by the ``full``, ``slices`` or ``fast`` computation."""
 
     def __init__(self, network: torch.nn.Module, plan: SpinePlan, device: str | torch.device = "cpu"):
         self.plan = plan
