@@ -86,6 +86,19 @@ def small_scan(case_id: str, out_dir: Path, axcodes: str = "LPS", lr_step: int =
     return image_path, label_path
 
 
+def small_site(tmp_path_factory, name: str, count: int) -> dict:
+    """A site folder for a real server: ``studies/`` with ``count`` small real scans,
+    ``reference/`` with their scans and labels (``<id>_label.nii.gz``), an empty ``model/``."""
+    root = tmp_path_factory.mktemp(name)
+    studies, model_dir, reference = root / "studies", root / "model", root / "reference"
+    studies.mkdir()
+    cases = reliable_spider_ids()[:count]
+    for case_id in cases:
+        image, _ = small_scan(case_id, reference)
+        (studies / image.name).write_bytes(image.read_bytes())
+    return {"root": root, "studies": studies, "model_dir": model_dir, "reference": reference, "cases": cases}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from conftest import Server, reliable_spider_ids, small_scan
+from conftest import Server, small_site
 from lib.lifecycle.autotrain import (STATE_FILENAME, AutoTrainer, AutoTrainSettings, AutoTrainState, decide, load_state,
                            record_run_start, save_state)
 from lib.lifecycle.splits import assign, split_path
@@ -180,17 +180,9 @@ def test_off_starts_nothing(tmp_path):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    root = tmp_path_factory.mktemp("autotrain")
-    studies, model_dir, reference = root / "studies", root / "model", root / "reference"
-    studies.mkdir()
-    cases = reliable_spider_ids()[:3]
-    for case_id in cases:
-        image, _ = small_scan(case_id, reference)
-        (studies / image.name).write_bytes(image.read_bytes())
-    conf = {"auto_train_min_labels": 2, "auto_train_new_labels": 5}
-    site = {"studies": studies, "model_dir": model_dir, "reference": reference, "cases": cases, "root": root,
-            "conf": conf}
-    site["server"] = Server(studies, model_dir, workdir=root, conf=conf)
+    site = small_site(tmp_path_factory, "autotrain", 3)
+    site["conf"] = conf = {"auto_train_min_labels": 2, "auto_train_new_labels": 5}
+    site["server"] = Server(site["studies"], site["model_dir"], workdir=site["root"], conf=conf)
     yield site
     site["server"].stop()
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import Server, reliable_spider_ids, small_scan
+from conftest import Server, small_site
 from lib.lifecycle.model_store import file_sha256
 from test_server import put_label
 
@@ -26,18 +26,12 @@ CONF = {"auto_train": "false", "warmup_epochs": 0, "learning_rate": 0.01, "val_i
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
-    studies, model_dir, reference = root / "studies", root / "model", root / "reference"
-    studies.mkdir()
-    cases = reliable_spider_ids()[:4]
-    for case_id in cases:
-        image, _ = small_scan(case_id, reference)
-        (studies / image.name).write_bytes(image.read_bytes())
-    server = Server(studies, model_dir, workdir=root, conf=CONF)
-    for case_id in cases:
-        r = put_label(server.url, case_id, reference / f"{case_id}_label.nii.gz")
+    site = small_site(tmp_path_factory, "distributed", 4)
+    server = site["server"] = Server(site["studies"], site["model_dir"], workdir=site["root"], conf=CONF)
+    for case_id in site["cases"]:
+        r = put_label(server.url, case_id, site["reference"] / f"{case_id}_label.nii.gz")
         assert r.status_code == 200, r.text
-    yield {"server": server, "model_dir": model_dir, "root": root}
+    yield site
     server.stop()
 
 

@@ -114,6 +114,8 @@ def test_slice_scoring_computes_the_chosen_slices_as_the_full_computation(tmp_pa
     assert torch.allclose(chosen[0], full[:, 1::2], atol=1e-4) and torch.allclose(chosen[1], chosen[0], atol=1e-5)
     with pytest.raises(ValueError, match="2.5d"):
         SpinePlan.from_conf({"preset": "3d", "score_method": "slices"})
+    assert SpinePlan.from_conf({}).score_computation == "slices"  # auto, by the network
+    assert SpinePlan.from_conf({"network_mode": "3d", "roi_size": "32,64,64"}).score_computation == "full"
 
 
 def test_full_fov_scan_geometry(tmp_path):

@@ -21,7 +21,7 @@ LABEL_DECISIONS: Tuple[str, ...] = ("kind_first", "argmax")
 #: the network modes a plan can name (``network_mode``; built in lib/pipeline/networks.py)
 NETWORK_MODES: Tuple[str, ...] = ("2.5d", "3d")
 #: epistemic scoring computations (``score_method``; lib/scoring/epistemic.py)
-SCORE_METHODS: Tuple[str, ...] = ("full", "fast", "slices")
+SCORE_METHODS: Tuple[str, ...] = ("auto", "full", "fast", "slices")
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # Real sagittal lumbar MRI on hospital CPUs, 2.5D: a 2D SwinUNETR on each sagittal slice
@@ -35,7 +35,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "network_mode": "3d",
         "target_spacing": (2.0, 1.5, 1.5),
         "roi_size": (32, 96, 96),
-        "score_method": "full",  # slices scores single sagittal slices: 2.5d only
     },
     # Seconds per epoch on a 2-core CPU: used by the test-suite.
     "tiny": {
@@ -110,10 +109,11 @@ class SpinePlan:
     train_processes: int = 1
     # --- active learning -----------------------------------------------------------
     mc_samples: int = 5
-    # slices (2.5d): every score_slice_step-th sagittal slice, exactly; measured on 12 real scans
-    # with the starter model (python -m lib.benchmark --skip-infer): 5.4x cheaper than the full
-    # computation, same ranking (Spearman 0.972; 0.993 between two full runs). full | fast | slices
-    score_method: str = "slices"
+    # auto: slices for the 2.5d network (every score_slice_step-th sagittal slice, exactly;
+    # measured on 12 real scans with the starter model, python -m lib.benchmark --skip-infer:
+    # 5.4x cheaper than the full computation, same ranking, Spearman 0.972 where two full runs
+    # give 0.993), full for the 3d network. auto | full | fast | slices
+    score_method: str = "auto"
     score_spacing: Tuple[float, float, float] = (2.0, 3.0, 3.0)  # mm, RAS: the fast scorer's coarser grid
     score_slice_step: int = 5  # slices method: every this many sagittal slices are scored
     # --- bookkeeping ---------------------------------------------------------------
@@ -189,6 +189,13 @@ class SpinePlan:
         if self.network_mode == "2.5d":
             return (self.train_slices, *self.train_patch)
         return tuple(self.roi_size)
+
+    @property
+    def score_computation(self) -> str:
+        """The epistemic scoring computation ``score_method`` names (``auto`` resolved)."""
+        if self.score_method == "auto":
+            return "slices" if self.network_mode == "2.5d" else "full"
+        return self.score_method
 
     def network_signature(self) -> Dict[str, Any]:
         """The fields that shape the weights and what they mean: weights built under one

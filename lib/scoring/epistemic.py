@@ -7,7 +7,8 @@ over the voxels any pass calls foreground (by the plan's ``label_decision``):
 high where the passes disagree, i.e. where the model's knowledge is thin, not where the
 image is merely ambiguous.
 
-Three ways to compute it (``--conf score_method slices|full|fast``):
+Three ways to compute it (``--conf score_method auto|slices|full|fast``; ``auto``, the
+default, is ``slices`` for the 2.5D network and ``full`` for the 3D one):
 
 * ``full``: what MONAI Label's epistemic scoring does, ``mc_samples`` sliding-window passes
   over the body-cropped scan at the model spacing with the infer window layout (the
@@ -157,7 +158,7 @@ class EpistemicScorer:
 
         ``seed`` fixes the dropout masks, so a score is reproducible.
         """
-        method = method or self.plan.score_method
+        method = method or self.plan.score_computation
         samples = int(samples or self.plan.mc_samples)
         x = torch.as_tensor(image, dtype=torch.float32)[None].to(self.device)
         if method == "slices":
@@ -225,13 +226,13 @@ class EpistemicScorer:
 class EpistemicScoring(ScoringMethod):
     def __init__(self, model_dir: str, plan: SpinePlan):
         super().__init__(f"Epistemic uncertainty (MC dropout, {plan.mc_samples} samples, mutual information, "
-                         f"{plan.score_method} computation)")
+                         f"{plan.score_computation} computation)")
         self.model_dir = model_dir
         self.plan = plan
 
     def info(self) -> Dict[str, Any]:
         return {"description": self.description, "samples": self.plan.mc_samples, "key": SCORE_KEY,
-                "method": self.plan.score_method}
+                "method": self.plan.score_computation}
 
     def __call__(self, request, datastore: Datastore):
         path = weights_path(self.model_dir)
@@ -241,7 +242,7 @@ class EpistemicScoring(ScoringMethod):
             logger.info("Epistemic scoring skipped: the model is untrained")
             return {"scored": 0, "skipped": "model untrained"}
         samples = int(request.get("samples", self.plan.mc_samples))
-        stamp = {"model_version": version, "samples": samples, "method": self.plan.score_method}
+        stamp = {"model_version": version, "samples": samples, "method": self.plan.score_computation}
         todo = [
             image_id
             for image_id in datastore.get_unlabeled_images()
