@@ -40,9 +40,16 @@ def versions(site) -> dict:
 
 
 def spawned_workers(server: Server) -> list:
-    """The processes ``torch.multiprocessing.spawn`` started below the server."""
-    return [p for p in psutil.Process(server.proc.pid).children(recursive=True)
-            if "spawn_main" in " ".join(p.cmdline())]
+    """The live processes ``torch.multiprocessing.spawn`` started below the server (a child
+    that has just ended, or a zombie not reaped yet, is none of them)."""
+    workers = []
+    for process in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(process.cmdline()):
+                workers.append(process)
+        except psutil.Error:
+            continue
+    return workers
 
 
 def test_two_processes_train_one_version(site):
