@@ -186,15 +186,10 @@ class StockPipeline:
         return decide(torch.as_tensor(data["pred"]), self.plan.label_decision).numpy().astype(np.uint8)
 
 
-def postprocess_like_app(label: np.ndarray, affine: np.ndarray, plan: SpinePlan) -> np.ndarray:
-    from lib.pipeline.levels import finish_label
-
-    return finish_label(label, affine, plan.min_island_ml)[0]
-
-
 # --- the run ----------------------------------------------------------------------------
 def benchmark_infer(scans: Sequence[Path], model_path: str, conf: Dict[str, str], log=print) -> Dict[str, Any]:
     from lib.pipeline.io import read_volume
+    from lib.pipeline.levels import finish_label
     from lib.segment import SpineSegmenter
 
     plan = SpinePlan.from_conf(conf)
@@ -224,7 +219,7 @@ def benchmark_infer(scans: Sequence[Path], model_path: str, conf: Dict[str, str]
         stock_pipeline = StockPipeline(load_network(dataclasses.replace(plan, fused_attention=False), model_path), plan)
         stock, wall_s, peak_s = timed(lambda: stock_pipeline(scan))
         _, affine = read_volume(scan)
-        stock = postprocess_like_app(stock, affine, plan)
+        stock = finish_label(stock, affine, plan.min_island_ml)[0]  # the app's clean-up, for a like-for-like agreement
         agreement = agreement_report(stock, app.label)
         row.update({"stock_s": wall_s, "stock_peak_mb": peak_s, "agreement": agreement["mean"],
                     "agreement_detail": agreement, "speedup": wall_s / row["app_s"]})

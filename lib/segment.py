@@ -7,7 +7,8 @@ INPUT is a scan file (NIfTI, NRRD, MHA/MHD), a DICOM series folder, or a folder 
 ``@FILE`` reads more inputs from FILE, one a line. INPUT may also be a DICOMweb URL
 (``http(s)://.../dicom-web``): every series its search filter lists (MR by default, as the
 server's ``--studies URL``; credentials from ``MONAI_LABEL_DICOMWEB_USERNAME``/``PASSWORD``)
-is fetched, segmented, and stored back in the PACS as an ``original`` DICOM SEG
+is fetched when its turn comes (one series ahead per worker, not the whole archive first),
+segmented, and stored back in the PACS as an ``original`` DICOM SEG
 (:func:`lib.server.dicomweb.store_original_seg`), which annotators then correct; series
 that already have a SEG of this app (original or final) are skipped unless ``--redo``. Each scan gives ``DIR/<name>_seg.nii.gz``
 (same shape and affine as the scan) and ``DIR/<name>_seg.json`` (volumes in mL, level
@@ -26,9 +27,10 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -91,10 +93,17 @@ def output_name(scan: Path) -> str:
     return image_id(str(scan))
 
 
-def fetch_pacs_series(url: str, conf: Dict[str, str], redo: bool):
-    """(datastore, local scan paths, {path: series UID}) of the series of a DICOMweb server
-    that have no SEG of this app yet (all with ``redo``), each fetched into the datastore's
-    cache as the server does."""
+def stem_in(output: str, scan: Path) -> str:
+    """``output/<name>_seg``: where a scan's label (``.nii.gz``) and report (``.json``) go."""
+    return os.path.join(output, f"{output_name(scan)}_seg")
+
+
+def pacs_series_to_segment(url: str, conf: Dict[str, str], redo: bool):
+    """(datastore, series UIDs) of a DICOMweb server's series that have no SEG of this app
+    yet (all with ``redo``). Nothing is fetched yet: :func:`_scan_results` fetches each
+    series into the datastore's cache (as the server does) when its turn comes, so that the
+    first scans are segmented while the PACS still holds the rest, and a series that cannot
+    be fetched fails alone."""
     from lib.server.dicomweb import init_dicomweb_datastore, segmented_series
 
     store = init_dicomweb_datastore(url, conf)
@@ -104,8 +113,7 @@ def fetch_pacs_series(url: str, conf: Dict[str, str], redo: bool):
     if len(todo) < len(series):
         print(f"{len(series) - len(todo)} of {len(series)} series already have a SEG "
               f"({', '.join(sorted(set(done[s] for s in series if s in done)))}): skipped", file=sys.stderr)
-    paths = {Path(store.get_image_uri(s)): s for s in todo}
-    return store, list(paths), paths
+    return store, todo
 
 
 def already_done(stem: str, version: Optional[str]) -> bool:
@@ -135,6 +143,34 @@ def _segment_one(scan: Path, stem: str) -> Tuple[str, Optional[Dict[str, Any]], 
         return str(scan), None, str(e)
     atomic_write_text(f"{stem}.json", json.dumps(result.report, indent=1, default=str))
     return str(scan), result.report, None
+
+
+def _scan_results(items: List[Any], locate: Callable[[Any], Path], stem_of: Callable[[Path], str],
+                  pool: Optional[Any], workers: int) -> Iterator[Tuple[Any, Optional[Path], Optional[Dict[str, Any]], Optional[str]]]:
+    """(item, scan, report, error) for each item, as each is done: ``locate`` gives an item's
+    scan (a file as it is; a PACS series fetched now), then this process or ``pool``
+    segments it. The pool gets one scan ahead per worker, so that fetching the next series
+    overlaps segmenting the others and at most ``2 * workers`` scans wait on disk."""
+    pending: Deque[Tuple[Any, Path, Any]] = deque()
+
+    def collect(item, scan, job) -> Tuple[Any, Optional[Path], Optional[Dict[str, Any]], Optional[str]]:
+        _, report, error = job.result()
+        return item, scan, report, error
+
+    for item in items:
+        try:
+            scan = locate(item)
+        except Exception as e:  # a series the PACS will not give: the others go on
+            yield item, None, None, f"not fetched: {e}"
+            continue
+        if pool is None:
+            yield (item, scan) + _segment_one(scan, stem_of(scan))[1:]
+            continue
+        pending.append((item, scan, pool.submit(_segment_one, scan, stem_of(scan))))
+        while len(pending) > workers:
+            yield collect(*pending.popleft())
+    while pending:
+        yield collect(*pending.popleft())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -170,50 +206,50 @@ def main(argv: Optional[List[str]] = None) -> int:
     version = model_version(model)
     pacs = None
     if urls:
-        pacs, scans, series_of = fetch_pacs_series(urls[0], dict(args.conf), args.redo)
+        pacs, todo = pacs_series_to_segment(urls[0], dict(args.conf), args.redo)
+        items, locate, total = todo, (lambda uid: Path(pacs.get_image_uri(uid))), len(todo)
     else:
         scans = find_scans(inputs)
-    missing = [str(s) for s in scans if not s.exists()]
-    if missing:
-        parser.error(f"not found: {', '.join(missing)}")
+        missing = [str(s) for s in scans if not s.exists()]
+        if missing:
+            parser.error(f"not found: {', '.join(missing)}")
+        # the reports in --output say what is done (from a PACS, its SEGs do)
+        todo = [scan for scan in scans if args.redo or not already_done(stem_in(args.output, scan), version)]
+        if len(todo) < len(scans):
+            print(f"{len(scans) - len(todo)} of {len(scans)} scans already segmented by model {version}: skipped",
+                  file=sys.stderr)
+        items, locate, total = todo, (lambda scan: scan), len(todo)
     os.makedirs(args.output, exist_ok=True)
-    stems = {scan: os.path.join(args.output, f"{output_name(scan)}_seg") for scan in scans}
-    # from a PACS, its SEGs say what is done (fetch_pacs_series); else the reports in --output
-    todo = [scan for scan in scans if pacs is not None or args.redo or not already_done(stems[scan], version)]
-    if len(todo) < len(scans):
-        print(f"{len(scans) - len(todo)} of {len(scans)} scans already segmented by model {version}: skipped",
-              file=sys.stderr)
-    workers = min(args.workers, max(1, len(todo)))
+    workers = min(args.workers, max(1, total))
     failures, start = 0, time.time()
     setup = (args.model, dict(args.conf), args.device, max(1, args.threads // workers))
     if workers == 1:  # in this process: no second start-up of torch
         _start_worker(*setup)
-        results = (_segment_one(scan, stems[scan]) for scan in todo)
-        pool = contextlib.nullcontext()
+        pool = None
     else:
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
                                    initargs=setup)
-        results = (job.result() for job in [pool.submit(_segment_one, scan, stems[scan]) for scan in todo])
-    with pool:
-        for scan, report, error in tqdm(results, total=len(todo), desc="segmenting", unit="scan",
-                                        disable=len(todo) < 2, file=sys.stderr):
+    results = _scan_results(items, locate, lambda scan: stem_in(args.output, scan), pool, workers)
+    with pool or contextlib.nullcontext():
+        for item, scan, report, error in tqdm(results, total=total, desc="segmenting", unit="scan",
+                                              disable=total < 2, file=sys.stderr):
             if error:
                 failures += 1
-                tqdm.write(f"{scan}: {error}", file=sys.stderr)
+                tqdm.write(f"{scan or item}: {error}", file=sys.stderr)
                 continue
             levels = report.get("levels", {})
             state = "levels consistent" if levels.get("consistent") else "; ".join(levels.get("messages", []))
-            target = f"{stems[Path(scan)]}.nii.gz"
+            target = f"{stem_in(args.output, scan)}.nii.gz"
             if pacs is not None:
                 from lib.server.dicomweb import store_original_seg
 
                 try:
-                    seg = store_original_seg(pacs, series_of[Path(scan)], target)
+                    seg = store_original_seg(pacs, item, target)
                 except Exception as e:  # an empty result, a PACS refusal: the others go on
                     failures += 1
                     tqdm.write(f"{scan}: not stored in the PACS: {e}", file=sys.stderr)
                     continue
-                target = f"the PACS (SEG {seg.SeriesInstanceUID} of series {series_of[Path(scan)]})"
+                target = f"the PACS (SEG {seg.SeriesInstanceUID} of series {item})"
             tqdm.write(f"{scan} -> {target} ({state})", file=sys.stderr)
     if todo:
         elapsed = time.time() - start

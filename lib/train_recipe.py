@@ -314,15 +314,15 @@ def main(argv=None) -> None:
                 raise SystemExit(f"{split_file} differs from the cases chosen now: refusing to mix splits")
         else:
             split_file.write_text(json.dumps({"train": train_ids, "validation": val_ids}, indent=1))
-        for i in cases:
-            preprocess(args.data, work / "cache", i, plan)
+        volumes = [preprocess(args.data, work / "cache", i, plan) for i in cases]
     if world > 1:
         torch.distributed.barrier()
     say(f"{len(train_ids)} training scans, {len(val_ids)} validation scans: {val_ids}"
         + (f"; {world} processes" if world > 1 else ""), flush=True)
     if partial:
         say(f"{len(partial)} partially annotated scans: {sorted(partial)}", flush=True)
-    volumes = [preprocess(args.data, work / "cache", i, plan) for i in cases]
+    if not lead:
+        volumes = [preprocess(args.data, work / "cache", i, plan) for i in cases]
     annotations = [COMPLETE] * len(train_ids) + [partial[i] for i in sorted(partial)]
     val_records = [{"id": i, "image": str(args.data / "images" / f"{i}.nii.gz"),
                     "label": str(args.data / "labels" / f"{i}.nii.gz")} for i in val_ids]

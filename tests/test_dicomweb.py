@@ -499,3 +499,43 @@ def test_batch_pre_segmentation_of_the_pacs_stores_original_segs(site, tmp_path)
         store = init_dicomweb_datastore(site["orthanc"]["dicomweb"])
         assert new_series in store.list_images()
         assert new_series not in store.get_labeled_images() and site["mr"] in store.get_labeled_images()
+
+
+def test_a_series_that_cannot_be_fetched_fails_alone(site, tmp_path):
+    """``python -m lib.segment URL`` fetches each series when its turn comes: one the
+    datastore cannot turn into a volume (instances of two sizes) is reported and the run
+    ends with status 1, and the series after it still gets its SEG."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from lib.server.dicomweb import ORIGINAL_SEG_DESCRIPTION
+
+    broken_paths, *_ = phantom_series(tmp_path / "broken", seed=6)
+    for path in broken_paths[3:5]:
+        ds = pydicom.dcmread(path)
+        ds.Rows = ds.Rows * 2  # pixel data of the old size: no reader makes a volume of these
+        ds.save_as(path)
+    good_paths, *_ = phantom_series(tmp_path / "good", seed=7)
+    broken = pacs.upload_series(broken_paths, site["orthanc"]["dicomweb"], *site["orthanc"]["auth"])[0]
+    good = pacs.upload_series(good_paths, site["orthanc"]["dicomweb"], *site["orthanc"]["auth"])[0]
+
+    def originals() -> dict:
+        found = {}
+        for s in qido(site["orthanc"], Modality="SEG", includefield="SeriesDescription"):
+            seg = pydicom.Dataset.from_json(s)
+            if seg.get("SeriesDescription") == ORIGINAL_SEG_DESCRIPTION:
+                r = requests.get(f"{site['orthanc']['dicomweb']}/studies/{seg.StudyInstanceUID}/series/"
+                                 f"{seg.SeriesInstanceUID}/metadata", auth=site["orthanc"]["auth"], timeout=30)
+                found[pydicom.Dataset.from_json(r.json()[0]).ReferencedSeriesSequence[0].SeriesInstanceUID] = seg
+        return found
+
+    assert broken not in originals() and good not in originals()
+    env = dict(os.environ, **server_env(site["orthanc"], tmp_path / "cache"))
+    run = subprocess.run([sys.executable, "-m", "lib.segment", site["orthanc"]["dicomweb"], "--output",
+                          str(tmp_path / "out"), "--model", str(site["model_dir"] / "spine.pt"),
+                          "--conf", "preset", "tiny"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert f"{broken}: not fetched" in run.stderr, run.stderr[-3000:]
+    stored = originals()
+    assert good in stored and broken not in stored

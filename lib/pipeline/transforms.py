@@ -27,9 +27,11 @@ from monai.transforms import (
     RandAdjustContrastd,
     RandAffined,
     RandBiasFieldd,
+    RandCoarseDropoutd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
+    RandHistogramShiftd,
     RandScaleIntensityd,
     RandShiftIntensityd,
     ScaleIntensityRangePercentilesd,
@@ -211,12 +213,18 @@ class RandSliceStretchd(RandomizableTransform, MapTransform):
 
 def intensity_augmentation(slice_axis: int) -> List[Any]:
     """MR-style intensity augmentation of ``image`` (values 0..1), one list for the server's
-    train task and the CPU recipe: bias field, gamma, scale, shift, noise, and
-    :class:`RandSliceStretchd` (``slice_axis``: where the sagittal slices are)."""
+    train task and the CPU recipe: bias field, gamma, a monotonic non-linear remap
+    (histogram shift), scale, shift, noise, bright or dark specks (small coarse
+    dropout filled with random values, for speckled marrow such as spider_141's, whose L2
+    and L3 the starter model largely missed), and :class:`RandSliceStretchd`
+    (``slice_axis``: where the sagittal slices are)."""
     return [
         RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.3)),
         RandSliceStretchd(keys="image", prob=0.2, slice_axis=slice_axis),
         RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.5, 1.5)),
+        RandHistogramShiftd(keys="image", prob=0.2, num_control_points=(5, 12)),
+        RandCoarseDropoutd(keys="image", prob=0.2, holes=20, max_holes=80, spatial_size=2, max_spatial_size=6,
+                           fill_value=(0.0, 1.0)),
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
         RandGaussianNoised(keys="image", prob=0.2, std=0.03),

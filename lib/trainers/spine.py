@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+from ignite.engine import Events
 from monai.handlers import LrScheduleHandler
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss, DiceFocalLoss
@@ -158,6 +159,12 @@ class SpineTrainTask(BasicTrainTask):
 
     def finalize(self, context: Context):
         super().finalize(context)
+        if context.multi_gpu:
+            # MONAI Label destroys the process group as soon as a process's trainer ends, and
+            # gloo aborts a process (SIGABRT, "Connection closed by peer") whose peer closed
+            # first; the trainers end at different moments (rank 0 also publishes): all
+            # processes meet here before any of them lets go of the group.
+            context.trainer.add_event_handler(Events.COMPLETED, lambda _: torch.distributed.barrier())
         # MONAI Label would publish a run's best checkpoint even when it is worse than what
         # serves now; the guard decides once the run has ended (see train), on rank 0 only.
         self._guard = ServingGuard(self, context) if context.local_rank == 0 else None

@@ -1,0 +1,280 @@
+"""A site on another kind of scan: the starter model before and after fine-tuning through
+the server on a few of that site's corrected scans.
+
+    python -m lib.site_adaptation --site fcs_VB2 --labelled fcs_VB2_06 fcs_VB2_08 fcs_VB2_10 \\
+        --out work/site_vb2 [--evaluated ID ...] [--data ../shared/data] [--epochs 40] \\
+        [--conf KEY VALUE ...]
+
+1. **Before**: :mod:`lib.evaluate` of the starter weights (``model/spine.pt``) on the
+   site's other scans (every case whose id starts with ``--site`` and is not labelled).
+2. **The annotator**: each ``--labelled`` scan is pre-segmented by the starter model and
+   corrected as an annotator who checks what the site's reference draws would correct it
+   (:func:`simulated_correction`); a reference that draws only vertebral bodies (the
+   ``fcs_VB*`` sets) yields a label whose bodies and levels are the reference's and whose
+   other structures are the model's, accepted unchanged. The server trains on complete
+   labels, as an annotator who corrects a pre-segmentation saves one: nothing of what the
+   reference does not draw is taught as background.
+3. **Through the server**: a real ``monailabel start_server`` for ``apps/spine`` on an empty
+   ``model_dir`` (the starter model installs itself and serves), the labelled scans as its
+   studies, their corrected labels saved as ``final`` over HTTP, one train request
+   (fine-tuning the starter; the promotion gate compares the candidate with it on the
+   site's validation image).
+4. **After**: :mod:`lib.evaluate` of what serves then, and of the run's candidate when the
+   gate kept the starter, on the same other scans.
+
+Outputs in ``OUT``: ``eval_before/``, ``eval_after/`` (and ``eval_candidate/``), the
+corrected labels in ``labels/``, ``server.log``, and ``summary.json`` /
+``report.md`` (per group: Dice, or sensitivity for body-only references; level
+identification; vertebra volume predicted, a check that sensitivity was not bought by
+painting bone everywhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from lib.pipeline.io import read_volume, write_label
+from lib.pipeline.labels import DISCS, IGNORE_VALUE, VERTEBRAE
+from lib.simulate import DEFAULT_DATA, Client, Server, log
+
+REPO = Path(__file__).resolve().parents[1]
+#: server settings of the fine-tuning run (``--conf`` adds or overrides)
+DEFAULT_CONF: Dict[str, str] = {"auto_train": "false", "val_interval": "5", "warmup_epochs": "3"}
+
+
+def simulated_correction(prediction: np.ndarray, reference: np.ndarray, affine: np.ndarray,
+                         annotated: Sequence[int]) -> np.ndarray:
+    """The label an annotator saves after correcting ``prediction`` where ``reference`` draws.
+
+    ``prediction`` and ``reference`` (X, Y, Z) label maps on one grid (``affine``: voxel ->
+    RAS mm); ``reference`` draws the vertebra values in ``annotated`` (whole vertebrae, or
+    only their bodies as the ``fcs_VB*`` sets do) and 255 where a structure is outside the
+    label table (T12 and above). Returns uint8.
+
+    - each predicted vertebra (connected piece) that overlaps drawn bone takes the level of
+      the reference vertebra it overlaps most (the annotator renames a wrong level,
+      posterior elements included), or becomes background when that is T12 or above;
+    - a predicted vertebra that overlaps none (a posterior piece, the sacrum) takes the
+      level of the nearest drawn vertebra in height when it lies between the highest and
+      the lowest of them, and becomes background above or below them;
+    - the reference's drawn voxels take the reference's value (missed parts added);
+    - each predicted disc takes its level from the drawn vertebrae it touches
+      (``L(k)-L(k+1)`` touches L(k) and L(k+1)), else from its height between them; a disc
+      above L1 becomes background;
+    - everything else (canal, structures the reference does not draw) stays as predicted.
+    """
+    corrected = prediction.astype(np.uint8).copy()
+    drawn = [v for v in VERTEBRAE if v in set(annotated) and np.any(reference == v)]
+    if not drawn:
+        return corrected
+    structure = np.ones((3, 3, 3), dtype=bool)
+
+    def heights(mask: np.ndarray, offset=(0, 0, 0)) -> np.ndarray:  # RAS z (mm, superior +) of a mask's voxels
+        ijk = np.argwhere(mask) + np.asarray(offset)
+        return ijk @ affine[2, :3] + affine[2, 3]
+
+    span = {v: heights(reference == v) for v in drawn}
+    centre = {v: float(z.mean()) for v, z in span.items()}
+    top, bottom = max(z.max() for z in span.values()), min(z.min() for z in span.values())
+
+    def nearest(z: float) -> int:
+        return min(drawn, key=lambda v: abs(centre[v] - z))
+
+    for v in VERTEBRAE:
+        pieces, _ = ndi.label(prediction == v, structure=structure)
+        for piece, box in enumerate(ndi.find_objects(pieces), start=1):
+            inside = pieces[box] == piece
+            under = reference[box][inside]
+            candidates = [u for u in drawn + [IGNORE_VALUE] if np.any(under == u)]
+            if candidates:
+                best = max(candidates, key=lambda u: int(np.sum(under == u)))
+                corrected[box][inside] = 0 if best == IGNORE_VALUE else best
+                continue
+            z = float(heights(inside, [b.start for b in box]).mean())
+            corrected[box][inside] = nearest(z) if bottom <= z <= top else 0
+    for v in drawn:
+        corrected[reference == v] = v
+    corrected[(reference == IGNORE_VALUE) & np.isin(corrected, VERTEBRAE)] = 0
+
+    pieces, _ = ndi.label(np.isin(prediction, DISCS), structure=structure)
+    for piece, box in enumerate(ndi.find_objects(pieces), start=1):
+        box = tuple(slice(max(b.start - 2, 0), b.stop + 2) for b in box)
+        disc = pieces[box] == piece
+        ring = ndi.binary_dilation(disc, structure=structure, iterations=2) & ~disc
+        touched = sorted(set(np.unique(reference[box][ring]).tolist()) & set(drawn))
+        z = float(heights(disc, [b.start for b in box]).mean())
+        if len(touched) >= 2:
+            upper = touched[0]
+        elif touched:  # one neighbour drawn: the disc lies above or below it
+            upper = touched[0] - 1 if z > centre[touched[0]] else touched[0]
+        else:  # touching no drawn bone: from its height among the vertebrae
+            above = [v for v in drawn if centre[v] > z]
+            upper = max(above) if above else VERTEBRAE[0] - 1
+        corrected[box][disc] = 0 if upper < VERTEBRAE[0] else DISCS[0] + upper - VERTEBRAE[0]
+    return corrected
+
+
+def _case_ids(data: Path, prefix: str) -> List[str]:
+    return sorted(p.name[: -len(".nii.gz")] for p in (data / "labels").glob(f"{prefix}*.nii.gz"))
+
+
+def _manifest(data: Path) -> Dict[str, Dict[str, Any]]:
+    entries = json.loads((data / "manifest.json").read_text())
+    entries = entries.get("cases", entries) if isinstance(entries, dict) else entries
+    return {e["id"]: e for e in entries} if isinstance(entries, list) else entries
+
+
+def _evaluate(data: Path, cases: List[str], model: Path, out: Path, conf: Dict[str, str]) -> Dict[str, Any]:
+    from lib.evaluate import main as evaluate
+
+    argv = ["--images", str(data / "images"), "--labels", str(data / "labels"), "--model", str(model),
+            "--out", str(out), "--cases", *cases]
+    for key, value in conf.items():
+        argv += ["--conf", key, value]
+    if evaluate(argv) != 0:
+        raise RuntimeError(f"lib.evaluate failed: {' '.join(argv)}")
+    summary = json.loads((out / "summary.json").read_text())
+    volumes = []
+    for case in cases:
+        label, affine = read_volume(out / "predictions" / f"{case}_seg.nii.gz")
+        volumes.append(float(np.isin(label, VERTEBRAE).sum() * abs(np.linalg.det(affine[:3, :3])) / 1000))
+    summary["vertebra_volume_ml"] = float(np.mean(volumes))
+    return summary
+
+
+def _row(name: str, summary: Dict[str, Any]) -> Dict[str, Any]:
+    groups = summary["groups"]
+    level = summary["level_identification"]
+    return {
+        "model": name,
+        "vertebrae_dice": groups["vertebrae"]["dice"]["mean"],
+        "vertebral_body_sensitivity": groups["vertebrae"]["body_only_sensitivity"]["mean"],
+        "discs_dice": groups["discs"]["dice"]["mean"],
+        "canal_dice": groups["canal"]["dice"]["mean"],
+        "levels_correct": level["correct"], "levels_scored": level["total"],
+        "missing": summary["counts"]["missing"], "duplicated": summary["counts"]["duplicated"],
+        "vertebra_volume_ml": summary["vertebra_volume_ml"],
+    }
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def write_report(summary: Dict[str, Any], path: Path) -> None:
+    lines = [f"# Site adaptation: {summary['site']}", "",
+             f"Labelled (corrected, trained on): {', '.join(summary['labelled'])}; evaluated: "
+             f"{', '.join(summary['evaluated'])}. Fine-tuning: {summary['train']}.", "",
+             "| model | vertebrae Dice | vertebral body sensitivity | discs Dice | canal Dice | levels | "
+             "missing | duplicated | vertebra volume mL (mean) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['model']} | {_fmt(r['vertebrae_dice'])} | {_fmt(r['vertebral_body_sensitivity'])} | "
+                     f"{_fmt(r['discs_dice'])} | {_fmt(r['canal_dice'])} | {r['levels_correct']}/{r['levels_scored']} | "
+                     f"{r['missing']} | {r['duplicated']} | {r['vertebra_volume_ml']:.1f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    data, out = args.data.resolve(), args.out.resolve()  # the server runs in OUT: no relative paths
+    site_cases = _case_ids(data, args.site)
+    unknown = [c for c in args.labelled if c not in site_cases]
+    if unknown:
+        raise SystemExit(f"--labelled {unknown}: not cases of {args.site} in {data / 'labels'}")
+    evaluated = args.evaluated or [c for c in site_cases if c not in args.labelled]
+    if set(evaluated) & set(args.labelled):
+        raise SystemExit(f"{sorted(set(evaluated) & set(args.labelled))}: both labelled and evaluated")
+    if not evaluated:
+        raise SystemExit(f"every {args.site} case is labelled: nothing left to evaluate on")
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "labels").mkdir(parents=True)
+    starter = Path(args.model)
+    rows = [_row("starter", _evaluate(data, evaluated, starter, out / "eval_before", {}))]
+
+    from lib.segment import SpineSegmenter
+
+    manifest = _manifest(data)
+    segmenter = SpineSegmenter(str(starter), {}, "cpu")
+    studies = out / "studies"
+    studies.mkdir()
+    for case in args.labelled:
+        image = data / "images" / f"{case}.nii.gz"
+        reference, affine = read_volume(data / "labels" / f"{case}.nii.gz")
+        prediction = segmenter.segment(image).label
+        annotated = manifest.get(case, {}).get("annotated_labels") or list(range(1, 12))
+        write_label(simulated_correction(prediction, reference, affine, annotated), affine,
+                    out / "labels" / f"{case}.nii.gz")
+        shutil.copy(image, studies / image.name)
+
+    model_dir = out / "model"
+    model_dir.mkdir()  # empty: the server installs the starter model in it
+    conf = {**DEFAULT_CONF, "preset": "default", "max_epochs": str(args.epochs), **dict(args.conf)}
+    started = time.time()
+    with Server(studies, model_dir, out, conf) as server:
+        client = Client(server, timeout=args.timeout)
+        for case in args.labelled:
+            client.save_label(case, out / "labels" / f"{case}.nii.gz")
+        log(f"fine-tuning on {len(args.labelled)} corrected scans ({args.epochs} epochs)")
+        client.train()
+        status = client.wait_task("train")
+        if not status or status.get("status") != "DONE":
+            raise RuntimeError(f"training did not finish: {status}\n{server.tail()}")
+        versions = client.versions()
+    train_seconds = time.time() - started
+    serving = json.loads((model_dir / "spine.json").read_text())["version"]
+    rows.append(_row("after fine-tuning (serving)", _evaluate(data, evaluated, model_dir / "spine.pt",
+                                                               out / "eval_after", {})))
+    summary = {"site": args.site, "labelled": args.labelled, "evaluated": evaluated, "serving_version": serving,
+               "versions": versions, "train_seconds": round(train_seconds, 1),
+               "train": f"{args.epochs} epochs, server defaults otherwise ({json.dumps(conf)}), "
+                        f"{train_seconds / 60:.1f} min with start-up",
+               "rows": rows}
+    cand_dir = model_dir / "versions"
+    newest = sorted(p for p in cand_dir.iterdir() if (p / "spine.pt").exists()) if cand_dir.exists() else []
+    if newest and newest[-1].name != serving:
+        summary["candidate_version"] = newest[-1].name
+        rows.append(_row(f"candidate {newest[-1].name} (not promoted)",
+                         _evaluate(data, evaluated, newest[-1] / "spine.pt", out / "eval_candidate", {})))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_report(summary, out / "report.md")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lib.site_adaptation", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="images/, labels/, manifest.json")
+    parser.add_argument("--site", required=True, help="case id prefix of the site's scans (e.g. fcs_VB2)")
+    parser.add_argument("--labelled", nargs="+", required=True, metavar="ID", help="the site's corrected scans")
+    parser.add_argument("--evaluated", nargs="+", default=None, metavar="ID",
+                        help="the site's scans to evaluate on (default: every other case of --site)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default=str(REPO / "model" / "spine.pt"), help="the starter weights")
+    parser.add_argument("--epochs", type=int, default=40, help="epochs of the fine-tuning run")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds a training may take")
+    parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="server setting for the fine-tuning run")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server (its context) on kill
+    summary = run(args)
+    for row in summary["rows"]:
+        print(json.dumps(row), file=sys.stderr)
+    print(f"report: {args.out / 'report.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
