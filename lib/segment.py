@@ -7,7 +7,7 @@ INPUT is a scan file (NIfTI, NRRD, MHA/MHD), a DICOM series folder, or a folder 
 ``@FILE`` reads more inputs from FILE, one a line. INPUT may also be a DICOMweb URL
 (``http(s)://.../dicom-web``): every series its search filter lists (MR by default, as the
 server's ``--studies URL``; credentials from ``MONAI_LABEL_DICOMWEB_USERNAME``/``PASSWORD``)
-is fetched when its turn comes (one series ahead per worker, not the whole archive first),
+is fetched when its turn comes (one series ahead of the workers, not the whole archive first),
 segmented, and stored back in the PACS as an ``original`` DICOM SEG
 (:func:`lib.server.dicomweb.store_original_seg`), which annotators then correct; series
 that already have a SEG of this app (original or final) are skipped unless ``--redo``. Each scan gives ``DIR/<name>_seg.nii.gz``
@@ -149,8 +149,9 @@ def _scan_results(items: List[Any], locate: Callable[[Any], Path], stem_of: Call
                   pool: Optional[Any], workers: int) -> Iterator[Tuple[Any, Optional[Path], Optional[Dict[str, Any]], Optional[str]]]:
     """(item, scan, report, error) for each item, as each is done: ``locate`` gives an item's
     scan (a file as it is; a PACS series fetched now), then this process or ``pool``
-    segments it. The pool gets one scan ahead per worker, so that fetching the next series
-    overlaps segmenting the others and at most ``2 * workers`` scans wait on disk."""
+    segments it. The pool holds one scan more than it has workers, so that every worker is
+    busy while the next series is fetched, and at most ``workers + 1`` fetched scans wait (a
+    PACS archive is not copied to disk ahead of the segmentation)."""
     pending: Deque[Tuple[Any, Path, Any]] = deque()
 
     def collect(item, scan, job) -> Tuple[Any, Optional[Path], Optional[Dict[str, Any]], Optional[str]]:
