@@ -43,8 +43,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from lib.evaluate import list_label_files, load_manifest
+from lib.evaluate import main as evaluate_main
 from lib.pipeline.io import read_volume, write_label
-from lib.pipeline.labels import DISCS, IGNORE_VALUE, VERTEBRAE
+from lib.pipeline.labels import DISCS, IGNORE_VALUE, NAMES, VERTEBRAE
 from lib.simulate import DEFAULT_DATA, Client, Server, log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,30 +126,17 @@ def simulated_correction(prediction: np.ndarray, reference: np.ndarray, affine: 
     return corrected
 
 
-def _case_ids(data: Path, prefix: str) -> List[str]:
-    return sorted(p.name[: -len(".nii.gz")] for p in (data / "labels").glob(f"{prefix}*.nii.gz"))
-
-
-def _manifest(data: Path) -> Dict[str, Dict[str, Any]]:
-    entries = json.loads((data / "manifest.json").read_text())
-    entries = entries.get("cases", entries) if isinstance(entries, dict) else entries
-    return {e["id"]: e for e in entries} if isinstance(entries, list) else entries
-
-
-def _evaluate(data: Path, cases: List[str], model: Path, out: Path, conf: Dict[str, str]) -> Dict[str, Any]:
-    from lib.evaluate import main as evaluate
-
+def _evaluate(data: Path, cases: List[str], model: Path, out: Path) -> Dict[str, Any]:
+    """:mod:`lib.evaluate`'s summary of ``model`` on ``cases``, plus the mean predicted
+    vertebra volume (mL, from each prediction's report)."""
     argv = ["--images", str(data / "images"), "--labels", str(data / "labels"), "--model", str(model),
             "--out", str(out), "--cases", *cases]
-    for key, value in conf.items():
-        argv += ["--conf", key, value]
-    if evaluate(argv) != 0:
+    if evaluate_main(argv) != 0:
         raise RuntimeError(f"lib.evaluate failed: {' '.join(argv)}")
     summary = json.loads((out / "summary.json").read_text())
-    volumes = []
-    for case in cases:
-        label, affine = read_volume(out / "predictions" / f"{case}_seg.nii.gz")
-        volumes.append(float(np.isin(label, VERTEBRAE).sum() * abs(np.linalg.det(affine[:3, :3])) / 1000))
+    vertebrae = [NAMES[v] for v in VERTEBRAE]
+    volumes = [sum(json.loads((out / "predictions" / f"{case}_seg.json").read_text())["volumes_ml"].get(name, 0.0)
+                   for name in vertebrae) for case in cases]
     summary["vertebra_volume_ml"] = float(np.mean(volumes))
     return summary
 
@@ -186,7 +175,7 @@ def write_report(summary: Dict[str, Any], path: Path) -> None:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     data, out = args.data.resolve(), args.out.resolve()  # the server runs in OUT: no relative paths
-    site_cases = _case_ids(data, args.site)
+    site_cases = sorted(c for c in list_label_files(data / "labels") if c.startswith(args.site))
     unknown = [c for c in args.labelled if c not in site_cases]
     if unknown:
         raise SystemExit(f"--labelled {unknown}: not cases of {args.site} in {data / 'labels'}")
@@ -199,11 +188,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         shutil.rmtree(out)
     (out / "labels").mkdir(parents=True)
     starter = Path(args.model)
-    rows = [_row("starter", _evaluate(data, evaluated, starter, out / "eval_before", {}))]
+    rows = [_row("starter", _evaluate(data, evaluated, starter, out / "eval_before"))]
 
     from lib.segment import SpineSegmenter
 
-    manifest = _manifest(data)
+    manifest = load_manifest(data / "manifest.json")
     segmenter = SpineSegmenter(str(starter), {}, "cpu")
     studies = out / "studies"
     studies.mkdir()
@@ -233,7 +222,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     train_seconds = time.time() - started
     serving = json.loads((model_dir / "spine.json").read_text())["version"]
     rows.append(_row("after fine-tuning (serving)", _evaluate(data, evaluated, model_dir / "spine.pt",
-                                                               out / "eval_after", {})))
+                                                               out / "eval_after")))
     summary = {"site": args.site, "labelled": args.labelled, "evaluated": evaluated, "serving_version": serving,
                "versions": versions, "train_seconds": round(train_seconds, 1),
                "train": f"{args.epochs} epochs, server defaults otherwise ({json.dumps(conf)}), "
@@ -244,7 +233,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if newest and newest[-1].name != serving:
         summary["candidate_version"] = newest[-1].name
         rows.append(_row(f"candidate {newest[-1].name} (not promoted)",
-                         _evaluate(data, evaluated, newest[-1] / "spine.pt", out / "eval_candidate", {})))
+                         _evaluate(data, evaluated, newest[-1] / "spine.pt", out / "eval_candidate")))
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     write_report(summary, out / "report.md")
     return summary
