@@ -38,7 +38,9 @@ agreement any cheaper computation can show) and by the ``fast`` one (coarse grid
 windows, samples batched), with the cost of each in CPU seconds and the Spearman
 correlation of each ranking of the scans with the reference's.
 
-The last line reads ``speedup <stock/app warm, full-FOV scan> agreement <dice>``.
+The last line reads ``speedup <stock/app warm, full-FOV scan> agreement <dice>``. ``--out``
+gets ``results.json`` and, per scan, ``agreement_<scan>.png``: the mid-sagittal slice with the
+app's output as contours and the stock pipeline's filled.
 Without trained weights it uses a freshly initialised network: timings hold, agreement
 and ranking then mean little.
 """
@@ -187,7 +189,10 @@ class StockPipeline:
 
 
 # --- the run ----------------------------------------------------------------------------
-def benchmark_infer(scans: Sequence[Path], model_path: str, conf: Dict[str, str], log=print) -> Dict[str, Any]:
+def benchmark_infer(scans: Sequence[Path], model_path: str, conf: Dict[str, str], log=print,
+                    figures: Optional[Path] = None) -> Dict[str, Any]:
+    """Per scan: app cold/warm, app steps, stock (see the module help); with ``figures``, a PNG per
+    scan of the two outputs on the mid-sagittal slice (app contours, stock filled)."""
     from lib.pipeline.io import read_volume
     from lib.pipeline.levels import finish_label
     from lib.segment import SpineSegmenter
@@ -218,9 +223,16 @@ def benchmark_infer(scans: Sequence[Path], model_path: str, conf: Dict[str, str]
                 f"{agreement['mean']:.4f} (canal {agreement['canal']:.4f}, foreground {agreement['foreground']:.4f})")
         stock_pipeline = StockPipeline(load_network(dataclasses.replace(plan, fused_attention=False), model_path), plan)
         stock, wall_s, peak_s = timed(lambda: stock_pipeline(scan))
-        _, affine = read_volume(scan)
+        image, affine = read_volume(scan)
         stock = finish_label(stock, affine, plan.min_island_ml)[0]  # the app's clean-up, for a like-for-like agreement
         agreement = agreement_report(stock, app.label)
+        if figures is not None:  # where the two outputs differ, on the mid-sagittal slice
+            from lib.evaluate import plot_overlay
+
+            figure = figures / f"agreement_{scan.name.split('.')[0]}.png"
+            plot_overlay(image, app.label, stock, affine, figure, f"{scan.name}: agreement {agreement['mean']:.3f}",
+                         names=("app", "stock"))
+            row["figure"] = str(figure)
         row.update({"stock_s": wall_s, "stock_peak_mb": peak_s, "agreement": agreement["mean"],
                     "agreement_detail": agreement, "speedup": wall_s / row["app_s"]})
         log(f"{scan.name}: stock {wall_s:.2f} s (peak RSS {peak_s:.0f} MB); speedup {row['speedup']:.2f}x; "
@@ -324,7 +336,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             scans.append(fov)
             print(f"full-FOV scan {fov} from {fov_source}: 512x512x15 at 0.6x0.6x4 mm")
         scans += args.scans if args.scans is not None else sorted(SAMPLE_DATA.glob("spider_*.nii.gz"))
-        results["infer"] = benchmark_infer(scans, model_path, conf)
+        args.out.mkdir(parents=True, exist_ok=True)
+        results["infer"] = benchmark_infer(scans, model_path, conf, figures=args.out)
     if not args.skip_scoring:
         score_scans = args.score_scans if args.score_scans is not None else default_score_scans()
         if len(score_scans) >= 3:

@@ -653,8 +653,9 @@ def _sagittal_slice(volumes: Sequence[np.ndarray], affine: np.ndarray, index: in
 
 
 def plot_overlay(image: Optional[np.ndarray], reference: np.ndarray, prediction: np.ndarray, affine: np.ndarray,
-                 path: Path, title: str) -> None:
-    """Mid-sagittal slice: image, reference contours (label colours), prediction filled (label colours)."""
+                 path: Path, title: str, names: Tuple[str, str] = ("reference", "prediction")) -> None:
+    """Mid-sagittal slice: image, reference contours (label colours), prediction filled (label colours);
+    ``names``: what the two label maps are called in the panel titles."""
     plt = _pyplot()
     from matplotlib.patches import Patch
 
@@ -689,8 +690,8 @@ def plot_overlay(image: Optional[np.ndarray], reference: np.ndarray, prediction:
     if (ref == IGNORE_VALUE).any():
         axes[0].contour((ref == IGNORE_VALUE).astype(np.float32), levels=[0.5], colors=["white"], linewidths=0.6,
                         linestyles="dotted")
-    axes[0].set_title("image + reference contours")
-    axes[1].set_title("prediction (filled) + reference contours")
+    axes[0].set_title(f"image + {names[0]} contours")
+    axes[1].set_title(f"{names[1]} (filled) + {names[0]} contours")
     handles = [Patch(color=np.array(s.color) / 255.0, label=s.name) for s in STRUCTURES[1:]]
     fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8, frameon=False)
     fig.suptitle(f"{title}\nsagittal slice {index} (axis {sag}); superior up, anterior left")

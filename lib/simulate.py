@@ -19,7 +19,7 @@ settings, see :data:`DEFAULT_CONF`). Then the annotator loop:
    ``model_dir/spine.pt``, through :class:`lib.segment.SpineSegmenter` and
    :func:`lib.evaluate.evaluate_case`) on a fixed held-out test set and write one CSV row:
    strategy, seed, number of labels, serving version (and the run's candidate, promoted or
-   not), mean Dice of the vertebrae, discs, canal and of all 11 structures.
+   not, with its own overall Dice), mean Dice of the vertebrae, discs, canal and of all 11 structures.
 
 Once every pool image is labelled, a last training on all of them is requested (if the
 automatic one did not already cover them): that row is the run's *all-labels* point, the
@@ -35,7 +35,8 @@ strategy picks at random too while no model exists. So the simulation picks thos
 client-side: ``random.Random(seed)`` chooses among the unlabeled ids (sorted), for the
 ``random`` strategy always and for ``epistemic`` until the server ranks by scores (its
 answer then has no ``fallback``). With the same seed, both strategies therefore start from
-the same first images, which makes the comparison paired. The server is still asked
+the same first images, which makes the comparison paired. The seed is also the runs'
+``train_seed`` (unless ``--conf train_seed`` is given), so that seeds show training noise too. The server is still asked
 (``POST /activelearning/random``) so that the request path is exercised.
 
 Outputs in ``OUT``: ``simulation.csv`` (one row per evaluation, written as it goes),
@@ -50,6 +51,13 @@ default both are made from the reliable SPIDER cases in ``../shared/data`` by
 ``tiny`` preset (4 mm grid) trains an epoch in seconds; a fixed, seed-independent
 shuffle puts ``--test-size`` cases in the test set and the next ``--pool-size`` in the pool.
 ``--phantoms N`` adds N synthetic phantoms (:mod:`lib.phantom`) to the pool.
+
+``--real-size``: the shipped model's own setting instead. Full-resolution reliable SPIDER
+scans; the test set is the starter recipe's validation split (:func:`lib.train_recipe.choose_cases`,
+the model card's dev validation scans), the pool its training scans; the server runs the
+``default`` plan with :data:`REAL_SIZE_CONF`, so an empty ``model_dir`` starts from the shipped
+starter model (``--conf starter_model false``: from scratch), and a row at 0 labels evaluates
+the model that serves before any label.
 """
 
 from __future__ import annotations
@@ -85,6 +93,19 @@ DEFAULT_CONF: Dict[str, str] = {
     "learning_rate": "0.0005",  # 2.5x the recipe's: few epochs per run on a CPU
     "auto_train_min_labels": "3",
     "auto_train_new_labels": "3",
+}
+#: --real-size: the default plan, each automatic training a short fine-tuning of the serving model
+#: (2 crops of 4 slices a step, 20 epochs: 20-60 steps up to 6 labels, about 1.5 s a step on 2 cores)
+REAL_SIZE_CONF: Dict[str, str] = {
+    "preset": "default",
+    "max_epochs": "20",
+    "warmup_epochs": "1",
+    "val_interval": "5",
+    "learning_rate": "0.0001",  # the starter ended its cosine schedule near 0: fine-tune gently
+    "num_samples": "1",
+    "train_slices": "4",
+    "auto_train_min_labels": "2",
+    "auto_train_new_labels": "2",
 }
 GROUPS = ("vertebrae", "discs", "canal")
 CSV_COLUMNS = ("strategy", "seed", "n_labels", "train_images", "val_images", "model_version", "candidate_version",
@@ -140,21 +161,32 @@ def small_scan(data: Path, case_id: str, out_images: Path, out_labels: Path, kee
     return image_path, label_path
 
 
-def prepare_data(out: Path, pool_size: int, test_size: int, data: Path = DEFAULT_DATA, phantoms: int = 0,
-                 lr_step: int = 3, inplane_step: int = 3) -> Tuple[Path, Path]:
+def prepare_data(out: Path, pool_size: Optional[int], test_size: int, data: Path = DEFAULT_DATA, phantoms: int = 0,
+                 real_size: bool = False) -> Tuple[Path, Path]:
     """``out/pool`` and ``out/test`` (``images/``, ``labels/``) from the reliable SPIDER cases.
 
-    The split is a fixed shuffle (seed 2024) of the sorted ids: the first ``test_size`` are the
-    test set, the next ``pool_size`` the pool. Files already there are kept (same inputs, same
-    bytes). Returns ``(pool_dir, test_dir)``.
+    Small scans (every 3rd slice and in-plane voxel): the split is a fixed shuffle (seed 2024)
+    of the sorted ids, the first ``test_size`` are the test set, the next ``pool_size`` (default
+    12) the pool. ``real_size``: full-resolution scans, the starter recipe's validation split as
+    the test set and the first ``pool_size`` (default all) of its training scans as the pool.
+    Files already there are kept (same inputs, same bytes). Returns ``(pool_dir, test_dir)``.
     """
     if not (data / "manifest.json").exists():
         raise SystemExit(f"no development data at {data} (manifest.json): pass --pool and --test")
-    ids = reliable_spider_ids(data)
-    random.Random(2024).shuffle(ids)
-    if test_size + pool_size > len(ids):
-        raise SystemExit(f"{len(ids)} reliable SPIDER cases: cannot take {test_size} test + {pool_size} pool")
-    test_ids, pool_ids = ids[:test_size], ids[test_size:test_size + pool_size]
+    if real_size:
+        from lib.train_recipe import VAL_COUNT, choose_cases
+
+        train_ids, test_ids = choose_cases(data, VAL_COUNT)
+        pool_ids = train_ids[:pool_size]
+        step = 1
+    else:
+        ids = reliable_spider_ids(data)
+        random.Random(2024).shuffle(ids)
+        pool_size = 12 if pool_size is None else pool_size
+        if test_size + pool_size > len(ids):
+            raise SystemExit(f"{len(ids)} reliable SPIDER cases: cannot take {test_size} test + {pool_size} pool")
+        test_ids, pool_ids = ids[:test_size], ids[test_size:test_size + pool_size]
+        step = 3
     pool, test = out / "pool", out / "test"
     for folder, chosen, keep_ignore in ((test, test_ids, True), (pool, pool_ids, False)):
         for stale in sorted((folder / "images").glob("*.nii.gz")) if (folder / "images").exists() else []:
@@ -163,7 +195,7 @@ def prepare_data(out: Path, pool_size: int, test_size: int, data: Path = DEFAULT
                 (folder / "labels" / stale.name).unlink(missing_ok=True)
         for case_id in chosen:
             if not (folder / "labels" / f"{case_id}.nii.gz").exists():
-                small_scan(data, case_id, folder / "images", folder / "labels", keep_ignore, lr_step, inplane_step)
+                small_scan(data, case_id, folder / "images", folder / "labels", keep_ignore, step, step)
     for i in range(phantoms):
         name = f"phantom_{i:03d}"
         if not (pool / "labels" / f"{name}.nii.gz").exists():
@@ -400,6 +432,7 @@ def run_one(strategy: str, seed: int, pool: Path, evaluate: Evaluator, out: Path
     for case in pool_ids:
         shutil.copyfile(pool / "images" / f"{case}.nii.gz", studies / f"{case}.nii.gz")
     rng = random.Random(seed)
+    conf = {"train_seed": str(seed), **conf}  # the seed also varies the training (crops, augmentation)
     limit = len(pool_ids) if max_labels is None else min(max_labels, len(pool_ids))
     if strategy == "all":  # the reference: every label at once, one training
         conf = {**conf, "auto_train": "false"}
@@ -431,8 +464,8 @@ def run_one(strategy: str, seed: int, pool: Path, evaluate: Evaluator, out: Path
             candidate = newest.get("version")
             candidate_dice: Optional[float] = dice["overall"] if candidate == current else None
             candidate_weights = model_dir / "versions" / str(candidate) / "spine.pt"
-            if candidate_dice is None and n == len(pool_ids) and candidate_weights.exists():
-                candidate_dice = evaluate(candidate_weights, candidate)["overall"]  # trained on every label
+            if candidate_dice is None and candidate_weights.exists():  # what the labels bought, served or not
+                candidate_dice = evaluate(candidate_weights, candidate)["overall"]
             row = {"strategy": strategy, "seed": seed, "n_labels": n,
                    "train_images": metrics.get("train_images"),
                    "val_images": len(metrics.get("validation_ids") or []),
@@ -460,6 +493,8 @@ def run_one(strategy: str, seed: int, pool: Path, evaluate: Evaluator, out: Path
                                    + "\n".join(status.get("details", [])[-20:]))
             after_training(n, time.time() - t0)
 
+        if client.versions().get("serving"):  # a starter model: the curve starts before any label
+            after_training(0, 0.0)
         n = 0
         while n < limit:
             unlabeled = client.unlabeled()
@@ -551,11 +586,15 @@ def summarize(rows: Sequence[Dict[str, Any]], fraction: float = 0.9) -> Dict[str
         return summary
     threshold = fraction * reference["overall"]
     summary["threshold"] = threshold
+    candidates = curves(rows, "candidate_dice_overall")
     for strategy, c in curves(rows).items():
         summary["strategies"][strategy] = {
             "labels_to_threshold": labels_to_reach(c["n_labels"], c["mean"], threshold),
             "per_seed": {str(s): labels_to_reach(c["n_labels"], ys, threshold) for s, ys in c["per_seed"].items()},
             "n_labels": c["n_labels"], "mean_dice": c["mean"],
+            # each training's candidate, served or not: what the labels bought
+            "candidate_mean_dice": candidates[strategy]["mean"],
+            "candidate_labels_to_threshold": labels_to_reach(c["n_labels"], candidates[strategy]["mean"], threshold),
         }
     return summary
 
@@ -567,11 +606,15 @@ def plot(rows: Sequence[Dict[str, Any]], summary: Dict[str, Any], path: Path) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    candidates = curves(rows, "candidate_dice_overall")
     for strategy, c in curves(rows).items():
         seeds = len(c["per_seed"])
-        line, = ax.plot(c["n_labels"], c["mean"], marker="o", label=f"{strategy} (mean of {seeds} seed"
+        line, = ax.plot(c["n_labels"], c["mean"], marker="o", label=f"{strategy}: serving model (mean of {seeds} seed"
                                                                       f"{'s' if seeds > 1 else ''})")
         ax.fill_between(c["n_labels"], c["min"], c["max"], color=line.get_color(), alpha=0.2, linewidth=0)
+        if any(a != b for a, b in zip(candidates[strategy]["mean"], c["mean"]) if a == a):
+            ax.plot(c["n_labels"], candidates[strategy]["mean"], marker="x", linestyle=":", color=line.get_color(),
+                    label=f"{strategy}: each training's candidate, served or not")
     reference = summary.get("all_labels_dice")
     if reference and not math.isnan(reference["overall"]):
         ax.axhline(reference["overall"], color="grey", linewidth=1, label="all pool labels")
@@ -628,8 +671,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=Path, help="images/ + labels/ to label (default: made from ../shared/data)")
     p.add_argument("--test", type=Path, help="images/ + labels/ held out (default: made with the pool)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="development data for the default pool")
-    p.add_argument("--pool-size", type=int, default=12, help="default pool: SPIDER cases (default 12)")
-    p.add_argument("--test-size", type=int, default=3, help="default test set: SPIDER cases (default 3)")
+    p.add_argument("--pool-size", type=int, help="default pool: SPIDER cases (default 12; --real-size: all)")
+    p.add_argument("--test-size", type=int, default=3,
+                   help="default test set: SPIDER cases (default 3; --real-size: the recipe's validation split)")
+    p.add_argument("--real-size", action="store_true",
+                   help="full-resolution scans, the shipped model's plan and starter (see the module help)")
     p.add_argument("--phantoms", type=int, default=0, help="synthetic phantoms added to the default pool")
     p.add_argument("--strategies", nargs="+", default=["epistemic", "random"], choices=STRATEGIES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -651,10 +697,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.report_only:
         report(out)
         return 0
-    conf = {**DEFAULT_CONF, **dict(args.conf)}
+    conf = {**DEFAULT_CONF, **(REAL_SIZE_CONF if args.real_size else {}), **dict(args.conf)}
     conf.pop("model_dir", None)  # each run has its own
     if args.pool is None:
-        pool, test = prepare_data(out / "data", args.pool_size, args.test_size, args.data, args.phantoms)
+        pool, test = prepare_data(out / ("data-real" if args.real_size else "data"), args.pool_size, args.test_size,
+                                  args.data, args.phantoms, args.real_size)
         if args.test is not None:
             test = args.test
     else:

@@ -67,6 +67,8 @@ from lib.pipeline.plans import SpinePlan
 from lib.pipeline.transforms import intensity_augmentation, load_and_resample
 
 SPIDER_PREFIX = "spider_"
+#: reliable SPIDER scans held out for validation (the dev validation split of the model card)
+VAL_COUNT = 6
 
 
 def choose_cases(data: Path, val_count: int) -> Tuple[List[str], List[str]]:
@@ -275,7 +277,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8, help="slabs per optimiser step")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--val-count", type=int, default=6)
+    parser.add_argument("--val-count", type=int, default=VAL_COUNT)
     parser.add_argument("--val-every", type=int, default=250)
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--init", type=Path, help="start from these weights (e.g. model/spine.pt)")

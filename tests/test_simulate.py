@@ -44,3 +44,29 @@ def test_minimal_simulation(tmp_path):
     picks = json.loads((out / "runs" / "epistemic-seed0" / "run.json").read_text())["picks"]
     assert len({p["image"] for p in picks}) == 4
     assert [p["how"] for p in picks][:2] == ["seeded client-side"] * 2  # no model yet: seeded pick
+
+
+def test_real_size_data_is_the_starter_recipes_split(tmp_path):
+    """--real-size: the test set is the recipe's validation split (the model card's), the pool its
+    training scans, both at full resolution; pool labels hold only values the server accepts."""
+    import nibabel as nib
+    import numpy as np
+
+    from lib.train_recipe import VAL_COUNT, choose_cases
+
+    def values(path):
+        return set(np.unique(np.asarray(nib.load(path).dataobj)).tolist())
+
+    data = shared_data()
+    pool, test = simulate.prepare_data(tmp_path, 2, 3, data, real_size=True)
+    train_ids, val_ids = choose_cases(data, VAL_COUNT)
+    assert simulate.list_cases(test) == val_ids  # --test-size does not apply
+    assert simulate.list_cases(pool) == train_ids[:2]
+    case = train_ids[0]
+    source = nib.load(data / "images" / f"{case}.nii.gz")
+    made = nib.load(pool / "images" / f"{case}.nii.gz")
+    assert sorted(made.shape) == sorted(source.shape)  # every voxel kept (reoriented only)
+    assert np.allclose(sorted(made.header.get_zooms()), sorted(source.header.get_zooms()))
+    assert values(pool / "labels" / f"{case}.nii.gz") <= set(range(12))
+    # test labels keep 255 (not annotated) for the evaluation, exactly as the source has it
+    assert values(test / "labels" / f"{val_ids[0]}.nii.gz") == values(data / "labels" / f"{val_ids[0]}.nii.gz")

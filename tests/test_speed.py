@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -190,6 +191,7 @@ def test_benchmark_runs_end_to_end_on_real_scans(tmp_path, capsys):
     for row in results["infer"].values():
         assert row["app_s"] > 0 and row["stock_s"] > 0 and row["app_peak_mb"] > 0
         assert set(row["steps"]) >= {"app without fused attention", "app with one window per pass"}
+        assert Path(row["figure"]).stat().st_size > 10_000  # the two outputs drawn, app contours over stock
     scoring = results["scoring"]
     assert len(scoring["scans"]) == 3
     for variant in SCORING_VARIANTS:

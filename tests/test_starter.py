@@ -109,6 +109,9 @@ def test_training_fine_tunes_the_starter_and_compares_on_site_images(starter_sit
     # the starter was measured again on this site's validation image before the comparison
     assert trained[-1]["validation_ids"] and "evaluations" in starter, candidates
     assert starter["evaluations"][-1]["validation_ids"] == trained[-1]["validation_ids"]
+    # compared on one site image only, the candidate does not replace the starter (the gate's minimum)
+    assert trained[-1]["promoted"] is False and "starter model keeps serving" in trained[-1]["decision"], trained[-1]
+    assert json.loads((model_dir / "spine.json").read_text())["version"] == starter_version
 
 
 def test_starter_model_false_starts_from_scratch(tmp_path):

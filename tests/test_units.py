@@ -101,3 +101,28 @@ def test_dicom_series_round_trip(tmp_path):
         world = affine @ np.array([*ijk, 1.0])
         other = np.round(np.linalg.solve(series_affine, world)[:3]).astype(int)
         assert abs(float(series[tuple(other)]) - float(array[tuple(ijk)])) <= 1e-3 * float(np.ptp(array)) + 1e-6
+
+
+def test_the_starter_keeps_serving_until_compared_on_enough_site_images():
+    """Promotion gate: a candidate replaces the shipped starter only when compared on
+    STARTER_MIN_VAL_IMAGES of the site's validation images; a site's own model as before."""
+    from lib.lifecycle.model_store import DEFAULT_MODEL_DIR, file_sha256, weights_path
+    from lib.lifecycle.versions import STARTER_MIN_VAL_IMAGES, compare, starter_sha256
+
+    shipped = starter_sha256()
+    assert shipped == file_sha256(weights_path(str(DEFAULT_MODEL_DIR)))  # the record names the shipped weights
+
+    def measured(dice, n, sha=None):
+        return {"val_mean_dice": dice, "validation_ids": [f"img{i}" for i in range(n)],
+                **({"sha256": sha} if sha else {})}
+
+    for n in range(STARTER_MIN_VAL_IMAGES):
+        promote, reason = compare(measured(0.95, n), measured(0.5, n, shipped), shipped)
+        assert not promote and "starter model keeps serving" in reason, reason
+    n = STARTER_MIN_VAL_IMAGES
+    assert compare(measured(0.95, n), measured(0.5, n, shipped), shipped)[0]
+    assert not compare(measured(0.4, n), measured(0.5, n, shipped), shipped)[0]
+    # a model the site trained itself: no validation image yet -> the newest serves; else the better one
+    assert compare(measured(None, 0), measured(None, 0, "f" * 64), shipped)[0]
+    assert compare(measured(0.6, 1), measured(0.5, 1, "f" * 64), shipped)[0]
+    assert compare({}, {}, shipped)[0]  # nothing served before

@@ -137,7 +137,9 @@ class ServingGuard:
                 if not same and attempt + 1 < self.ATTEMPTS:
                     continue  # a rollback came in between: measure what serves now
                 if same:
-                    promote, reason = versions.compare(measured, current)
+                    promote, reason = versions.compare(
+                        measured, current, versions.starter_sha256(),
+                        int(self.task.plan.extra.get("starter_min_val_images", versions.STARTER_MIN_VAL_IMAGES)))
                 else:
                     promote, reason = False, "the serving model kept changing during the comparison: it stays"
                 compared = ({"version": current.get("version"), "val_mean_dice": current.get("val_mean_dice")}
