@@ -612,7 +612,7 @@ def plot(rows: Sequence[Dict[str, Any]], summary: Dict[str, Any], path: Path) ->
         line, = ax.plot(c["n_labels"], c["mean"], marker="o", label=f"{strategy}: serving model (mean of {seeds} seed"
                                                                       f"{'s' if seeds > 1 else ''})")
         ax.fill_between(c["n_labels"], c["min"], c["max"], color=line.get_color(), alpha=0.2, linewidth=0)
-        if any(a != b for a, b in zip(candidates[strategy]["mean"], c["mean"]) if a == a):
+        if any(not math.isnan(a) and a != b for a, b in zip(candidates[strategy]["mean"], c["mean"])):
             ax.plot(c["n_labels"], candidates[strategy]["mean"], marker="x", linestyle=":", color=line.get_color(),
                     label=f"{strategy}: each training's candidate, served or not")
     reference = summary.get("all_labels_dice")
