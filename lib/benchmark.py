@@ -28,7 +28,11 @@ set of the process sampled during the call (model and Python included).
 Scans: by default a full-field-of-view sagittal T2 of 512 x 512 x 15 voxels at
 0.6 x 0.6 x 4 mm, resampled from a development scan of ``../shared/data`` (``--fov-source``;
 the development scans are cropped, so voxels outside the source's field of view are 0),
-and the SPIDER sample scans of ``sample-data/``.
+and the SPIDER sample scans of ``sample-data/``. Where the source has reference labels
+(``labels/`` beside ``images/``; the default ``fcs_IVD_11`` annotates the five discs with
+their levels), they are resampled with it (nearest neighbour) and both outputs are scored
+against them with ``lib.evaluate`` (annotated structures only): where the two disagree,
+this says which one is right.
 
 Scoring: epistemic (MC-dropout) scores of ``--score-scans`` (default: 12 SPIDER development
 scans of ``../shared/data``), by the reference ``full`` computation (``mc_samples``
@@ -62,6 +66,7 @@ import torch
 from lib.lifecycle.model_store import DEFAULT_MODEL_DIR, REPO_ROOT, weights_path
 from lib.pipeline.errors import PlanMismatch
 from lib.pipeline.grouping import decide
+from lib.pipeline.labels import NAMES
 from lib.pipeline.networks import build_network, check_plan, load_network
 from lib.pipeline.plans import SpinePlan
 from lib.tools.measure import MemorySampler
@@ -127,12 +132,24 @@ def agreement_report(a: np.ndarray, b: np.ndarray) -> Dict[str, float]:
 
 
 # --- scans ----------------------------------------------------------------------------
-def make_full_fov_scan(source: Path, dest: Path, shape=(512, 512, 15), spacing=(0.6, 0.6, 4.0)) -> Path:
-    """Resample ``source`` onto a sagittal full-field-of-view grid, centred on the source.
+def full_fov_grid(affine: np.ndarray, source_shape, shape=(512, 512, 15), spacing=(0.6, 0.6, 4.0)) -> np.ndarray:
+    """4x4 voxel -> RAS mm matrix of the full-FOV grid: centred on the source, voxel axes
+    anterior->posterior, superior->inferior, right->left (the way a scanner stores a
+    sagittal series), ``spacing`` mm."""
+    directions = np.array([[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # columns P, I, L in RAS
+    target = np.eye(4)
+    target[:3, :3] = directions * np.asarray(spacing)
+    centre = affine[:3, :3] @ ((np.asarray(source_shape) - 1) / 2) + affine[:3, 3]
+    target[:3, 3] = centre - target[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+    return target
 
-    Voxel axes of the result: anterior->posterior, superior->inferior, right->left (the
-    way a scanner stores a sagittal series); trilinear interpolation; 0 outside the
-    source's field of view; int16 like the MR it came from.
+
+def make_full_fov_scan(source: Path, dest: Path, shape=(512, 512, 15), spacing=(0.6, 0.6, 4.0),
+                       order: int = 1) -> Path:
+    """Resample ``source`` onto the full-FOV grid (:func:`full_fov_grid`).
+
+    ``order`` 1 (a scan): trilinear, int16 like the MR it came from; ``order`` 0 (its label
+    map): nearest neighbour, uint8. 0 outside the source's field of view.
     """
     import nibabel as nib
     from scipy import ndimage
@@ -142,18 +159,49 @@ def make_full_fov_scan(source: Path, dest: Path, shape=(512, 512, 15), spacing=(
     if dest.exists() and dest.stat().st_mtime >= source.stat().st_mtime:
         return dest
     data, affine = read_volume(source)
-    directions = np.array([[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # columns P, I, L in RAS
-    target = np.eye(4)
-    target[:3, :3] = directions * np.asarray(spacing)
-    centre = affine[:3, :3] @ ((np.asarray(data.shape) - 1) / 2) + affine[:3, 3]
-    target[:3, 3] = centre - target[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+    target = full_fov_grid(affine, data.shape, shape, spacing)
     voxels = np.indices(shape, dtype=np.float32).reshape(3, -1)
     to_source = np.linalg.inv(affine) @ target
     coords = to_source[:3, :3] @ voxels + to_source[:3, 3:4]
-    out = ndimage.map_coordinates(data.astype(np.float32), coords, order=1, cval=0.0).reshape(shape)
+    out = ndimage.map_coordinates(data.astype(np.float32), coords, order=order, cval=0.0).reshape(shape)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.round(out).astype(np.int16), target), str(dest))
+    dtype = np.int16 if order else np.uint8
+    nib.save(nib.Nifti1Image(np.round(out).astype(dtype), target), str(dest))
     return dest
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """A scan's reference labels (same grid) and which structures they annotate."""
+    label: Path
+    info: Any  # lib.evaluate.CaseInfo
+
+
+def full_fov_reference(source: Path, scan: Path, **grid) -> Optional[Reference]:
+    """The source's reference labels on the full-FOV grid of ``scan`` (``labels/<id>`` beside
+    ``images/``, its ``annotated_labels`` from the data's manifest; ``grid``: ``shape`` and
+    ``spacing`` as given to :func:`make_full_fov_scan`), or None where the source has none."""
+    from lib.evaluate import case_info_from_entry, find_manifest, load_manifest
+
+    label_source = source.parent.parent / "labels" / source.name
+    if not label_source.is_file():
+        return None
+    label = make_full_fov_scan(label_source, scan.with_name(scan.name.replace(".nii", "_reference.nii")), order=0,
+                               **grid)
+    manifest = find_manifest(label_source.parent)
+    entry = load_manifest(manifest).get(source.name.split(".")[0]) if manifest else None
+    return Reference(label, case_info_from_entry(entry))
+
+
+def reference_dice(prediction: np.ndarray, reference: Reference, affine: np.ndarray) -> Dict[str, Any]:
+    """``lib.evaluate`` of one output against the reference: mean Dice over the annotated
+    structures (the others are not judged), level identification, what is missing."""
+    from lib.evaluate import evaluate_case
+    from lib.pipeline.io import read_volume
+
+    ref, _ = read_volume(reference.label)
+    _, case = evaluate_case(ref, prediction, affine, reference.info, reference.label.name)
+    return {k: case[k] for k in ("mean_dice", "level_correct", "level_total", "wrong_levels", "missing")}
 
 
 def default_score_scans() -> List[Path]:
@@ -190,9 +238,11 @@ class StockPipeline:
 
 # --- the run ----------------------------------------------------------------------------
 def benchmark_infer(scans: Sequence[Path], model_path: str, conf: Dict[str, str], log=print,
-                    figures: Optional[Path] = None) -> Dict[str, Any]:
+                    figures: Optional[Path] = None,
+                    references: Optional[Dict[str, Reference]] = None) -> Dict[str, Any]:
     """Per scan: app cold/warm, app steps, stock (see the module help); with ``figures``, a PNG per
-    scan of the two outputs on the mid-sagittal slice (app contours, stock filled)."""
+    scan of the two outputs on the mid-sagittal slice (app contours, stock filled); for a scan
+    with one of ``references`` (by file name), each output's accuracy against it."""
     from lib.pipeline.io import read_volume
     from lib.pipeline.levels import finish_label
     from lib.segment import SpineSegmenter
@@ -238,6 +288,15 @@ def benchmark_infer(scans: Sequence[Path], model_path: str, conf: Dict[str, str]
         log(f"{scan.name}: stock {wall_s:.2f} s (peak RSS {peak_s:.0f} MB); speedup {row['speedup']:.2f}x; "
             f"agreement {agreement['mean']:.4f} (canal {agreement['canal']:.4f}, "
             f"foreground {agreement['foreground']:.4f})")
+        reference = (references or {}).get(scan.name)
+        if reference is not None:  # which of the two disagreeing outputs is right
+            row["against_reference"] = {name: reference_dice(label, reference, affine)
+                                        for name, label in (("app", app.label), ("stock", stock))}
+            log(f"{scan.name}: against its reference ({', '.join(NAMES[v] for v in sorted(reference.info.annotated))}"
+                " annotated): " + "; ".join(
+                    f"{name} Dice {r['mean_dice']:.3f}, levels {r['level_correct']}/{r['level_total']}"
+                    + (f" (wrong: {', '.join(r['wrong_levels'])})" if r["wrong_levels"] else "")
+                    for name, r in row["against_reference"].items()))
         results[scan.name] = row
     return results
 
@@ -331,13 +390,18 @@ def main(argv: Optional[List[str]] = None) -> None:
                 parser.error(f"--fov-source {fov_source}: no such file")
             print(f"no full-FOV scan: {fov_source} is missing (the development data of ../shared)")
             fov_source = None
+        references: Dict[str, Reference] = {}
         if fov_source is not None:
             fov = make_full_fov_scan(fov_source, args.out / f"full_fov_{fov_source.name.split('.')[0]}.nii.gz")
             scans.append(fov)
-            print(f"full-FOV scan {fov} from {fov_source}: 512x512x15 at 0.6x0.6x4 mm")
+            reference = full_fov_reference(fov_source, fov)
+            if reference is not None:
+                references[fov.name] = reference
+            print(f"full-FOV scan {fov} from {fov_source}: 512x512x15 at 0.6x0.6x4 mm"
+                  + (f"; its reference labels {reference.label}" if reference else ""))
         scans += args.scans if args.scans is not None else sorted(SAMPLE_DATA.glob("spider_*.nii.gz"))
         args.out.mkdir(parents=True, exist_ok=True)
-        results["infer"] = benchmark_infer(scans, model_path, conf, figures=args.out)
+        results["infer"] = benchmark_infer(scans, model_path, conf, figures=args.out, references=references)
     if not args.skip_scoring:
         score_scans = args.score_scans if args.score_scans is not None else default_score_scans()
         if len(score_scans) >= 3:

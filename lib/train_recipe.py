@@ -112,6 +112,12 @@ class SlabSampler:
     in-plane ROI. The window is centred on the labelled spine of that scan, moved by up to
     ``jitter_mm`` in each in-plane direction, so that most windows hold the whole lumbar spine
     with the sacrum (what tells the levels apart) and some cut it, as sliding windows do.
+    With probability ``offcentre_fraction`` the window is instead placed as a sliding-window
+    grid may place it on a larger field of view: anywhere that overlaps the labelled spine by
+    at least ``min_overlap_mm`` in each in-plane direction, the spine off-centre and cut at the
+    window's edge, zeros beyond the scan (what MONAI's sliding window pads with). Without such
+    views the network's answer depends on where its window falls (the benchmark's stock
+    pipeline on a full-field-of-view scan: see the README's *Speed*).
     Left-right flip reverses the neighbour order (never superior-inferior: that defines the
     levels); then the declarative 2D augmentation: affine, and the intensity augmentation
     shared with the server's train task (:func:`lib.pipeline.transforms.intensity_augmentation`).
@@ -119,13 +125,18 @@ class SlabSampler:
 
     def __init__(self, volumes: List[Dict[str, np.ndarray]], plan: SpinePlan, rng: np.random.Generator,
                  jitter_mm: Tuple[float, float] = (30.0, 50.0), spine_weight: float = 10.0,
-                 annotations: List[Annotation] | None = None, partial_fraction: float = 0.25):
+                 annotations: List[Annotation] | None = None, partial_fraction: float = 0.25,
+                 offcentre_fraction: float = 0.0, min_overlap_mm: float = 40.0):
+        if not 0 <= offcentre_fraction <= 1:
+            raise ValueError(f"offcentre_fraction must lie in [0, 1], got {offcentre_fraction}")
         self.plan, self.rng = plan, rng
+        self.offcentre_fraction = offcentre_fraction
         self.annotations = list(annotations or [COMPLETE] * len(volumes))
         self.roi = tuple(plan.train_roi_size[1:])
         self.k = plan.slab_size // 2
         self.jitter = [int(round(j / s)) for j, s in zip(jitter_mm, plan.target_spacing[1:])]
-        self.volumes, self.centres, slices, weights = [], [], [], []
+        self.min_overlap = [int(round(min_overlap_mm / s)) for s in plan.target_spacing[1:]]
+        self.volumes, self.centres, self.spine_boxes, slices, weights = [], [], [], [], []
         for v, vol in enumerate(volumes):
             image, label = vol["image"], vol["label"]
             # zero-pad in-plane by the ROI once: every window is then a plain slice of the array
@@ -135,6 +146,7 @@ class SlabSampler:
             fg = np.argwhere(drawn)
             lo, hi = fg.min(0), fg.max(0)
             self.centres.append(((lo[1:] + hi[1:]) // 2) + np.array(self.roi))
+            self.spine_boxes.append((lo[1:] + np.array(self.roi), hi[1:] + np.array(self.roi)))  # padded coords
             for x in range(image.shape[0]):
                 slices.append((v, x))
                 weights.append(spine_weight if drawn[x].any() else 1.0)
@@ -156,8 +168,7 @@ class SlabSampler:
         v, x = self.slices[self.rng.choice(len(self.slices), p=self.p)]
         image, label = self.volumes[v]
         xs = np.clip(np.arange(x - self.k, x + self.k + 1), 0, image.shape[0] - 1)
-        centre = self.centres[v] + np.array([self.rng.integers(-j, j + 1) for j in self.jitter])
-        lo = centre - np.array(self.roi) // 2
+        lo = self.window_origin(v)
         window = tuple(slice(a, a + r) for a, r in zip(lo, self.roi))
         slab = image[(xs,) + window]
         if self.rng.random() < 0.5:
@@ -166,6 +177,21 @@ class SlabSampler:
                           "label": torch.from_numpy(label[(slice(x, x + 1),) + window].astype(np.float32))})
         return {"image": torch.as_tensor(d["image"]).float(), "label": torch.as_tensor(d["label"]).round().long(),
                 "annotation": self.annotations[v]}
+
+    def window_origin(self, v: int) -> np.ndarray:
+        """(Y, Z) first voxel of a window on volume ``v`` (padded coordinates): centred on the
+        spine with the jitter, or, with ``offcentre_fraction``, anywhere overlapping it."""
+        roi = np.array(self.roi)
+        if self.rng.random() < self.offcentre_fraction:
+            spine_lo, spine_hi = self.spine_boxes[v]
+            overlap = np.minimum(self.min_overlap, (spine_hi - spine_lo + 1) // 2)
+            # window [o, o + roi) overlaps [spine_lo, spine_hi] by >= overlap; the padding (roi
+            # on each side) keeps every such window inside the padded array
+            first = np.maximum(spine_lo + overlap - roi, 0)
+            last = spine_hi + 1 - overlap
+            return np.array([self.rng.integers(a, b + 1) for a, b in zip(first, last)])
+        centre = self.centres[v] + np.array([self.rng.integers(-j, j + 1) for j in self.jitter])
+        return centre - roi // 2
 
     def batch(self, size: int) -> Tuple[torch.Tensor, torch.Tensor, List[Annotation]]:
         samples = [self.sample() for _ in range(size)]
@@ -287,6 +313,9 @@ def main(argv=None) -> None:
                         help="comma-separated case prefixes of partially annotated sets to train on too "
                              "(e.g. fcs_VB3,fcs_IVD)")
     parser.add_argument("--partial-fraction", type=float, default=0.25, help="share of slabs from those sets")
+    parser.add_argument("--offcentre-fraction", type=float, default=0.0,
+                        help="share of windows placed anywhere over the spine, as a sliding grid places "
+                             "them, instead of centred on it (run F: 0.5; see the model card)")
     parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     parser.add_argument("--publish", type=Path, metavar="MODEL_DIR",
                         help="copy the best weights so far into MODEL_DIR as its serving model, then stop")
@@ -352,7 +381,7 @@ def main(argv=None) -> None:
     seed = args.seed + step + 1_000_003 * rank
     set_determinism(seed=seed)
     sampler = SlabSampler(volumes, plan, np.random.default_rng(seed), annotations=annotations,
-                          partial_fraction=args.partial_fraction)
+                          partial_fraction=args.partial_fraction, offcentre_fraction=args.offcentre_fraction)
     deadline = time.time() + args.hours * 3600
     window_loss, window_start = [], time.time()
     while step < args.steps and not out_of_time(deadline, world, device):

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 from conftest import missing_dependency  # noqa: E402
 from lib.pipeline.errors import InvalidInput  # noqa: E402
 from lib.pipeline.labels import CANAL, DISCS, IGNORE_VALUE, LABELS, NAMES, VERTEBRAE  # noqa: E402
-from lib.pipeline.levels import assign_levels  # noqa: E402
+from lib.pipeline.levels import assign_levels, finish_label  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 
@@ -148,6 +148,40 @@ def test_deleted_level_with_shifted_labels_below_is_renumbered():
     expected[label == 3] = 0
     np.testing.assert_array_equal(out, expected)
     assert report["missing"] == ["L3"]
+
+
+def test_finish_label_keeps_a_disc_named_after_its_neighbour():
+    """What the model did on spider_141: every level from L3 down named one too high, and the
+    L2-L3 disc painted half 'L1-L2', half 'L2-L3'. The disc is then the second piece of two
+    labels; the clean-up must not drop it as a fragment before the levels are assigned, and
+    the two names of one disc make one level. Expected: the undamaged reference's output."""
+    label, affine = load(CASES[0])
+    damaged = label.copy()
+    for value in (3, 4, 5, 8, 9, 10):  # L3..L5 and L3-L4..L5-S1 named after the level above
+        damaged[label == value] = value - 1
+    l2_l3 = np.argwhere(label == 7)
+    axis = int(np.argmax(np.ptp(l2_l3, axis=0)))  # its longest axis: half each side
+    half = l2_l3[l2_l3[:, axis] < np.median(l2_l3[:, axis])]
+    damaged[label == 7] = 6
+    damaged[tuple(half.T)] = 7
+    expected, _ = finish_label(label, affine, 0.1)
+    out, report = finish_label(damaged, affine, 0.1)
+    np.testing.assert_array_equal(out, expected)
+    assert report["missing"] == [] and report["consistent"] is True and "L2-L3" in report["present"]
+    assert (out == 7).sum() == (label == 7).sum()  # the whole disc, under one name
+    assert set(report["recovered"]) == {"L2-L3"} and any("L2-L3 disc recovered" in m for m in report["messages"])
+    # nothing is invented: a disc that is not there stays missing, and a spare disc piece
+    # that is not between that disc's vertebrae (here: below L5-S1) does not fill it
+    gone = damaged.copy()
+    gone[label == 7] = 0
+    axis, up = axis_towards(affine, [0, 0, 1])
+    l5_s1 = np.argwhere(label == 10)
+    below = l5_s1 - up * (np.ptp(l5_s1[:, axis]) + 3) * np.eye(3, dtype=int)[axis]
+    inside = np.all((below >= 0) & (below < np.array(label.shape)), axis=1)
+    assert inside.sum() > 0.5 * len(l5_s1)
+    gone[tuple(below[inside].T)] = 6  # an extra disc named L1-L2 under the sacrum's top
+    out, report = finish_label(gone, affine, 0.1)
+    assert "L2-L3" in report["missing"] and "recovered" not in report and not (out == 7).any()
 
 
 # (d) an extra vertebra above L1 is removed -----------------------------------------------

@@ -118,6 +118,14 @@ def test_disc_and_canal_keep_only_their_main_part():
     assert (out[far_disc] == 0).all() and (out[far_canal] == 0).all()
     np.testing.assert_array_equal(out == 8, label == 8)
     np.testing.assert_array_equal(out == CANAL, label == CANAL)
+    # with single_component the canal only: the far disc piece is kept, speckle of it is not
+    speck = free_spot(damaged, (1, 3, 3), near=np.argwhere(label == 8).mean(axis=0))
+    damaged[speck] = 8
+    pieces = clean_label(damaged, spacing, single_component=(CANAL,))
+    assert (pieces[far_disc] == 8).all() and (pieces[speck] == 0).all() and (pieces[far_canal] == 0).all()
+    far = np.zeros(label.shape, dtype=bool)
+    far[far_disc] = True
+    np.testing.assert_array_equal(pieces == 8, (label == 8) | far)
 
 
 def test_a_lone_vertebra_speck_is_removed_too():

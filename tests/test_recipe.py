@@ -54,6 +54,31 @@ def test_slab_samples_keep_anatomy(tmp_path):
     assert learning_rate(0, 100, 1.0, 10) == pytest.approx(0.1) and learning_rate(100, 100, 1.0, 10) == 0.0
 
 
+def test_offcentre_windows_overlap_the_spine_wherever_a_grid_could_put_them(tmp_path):
+    """With ``offcentre_fraction`` 1 every window still overlaps the labelled spine by the
+    minimum in both in-plane directions, but its position spreads far past the centred
+    windows' jitter (spine at the window's edge, as on a sliding grid over a large view)."""
+    plan = SpinePlan.from_conf({"preset": "tiny", "train_patch": "64,96", "target_spacing": "2,3,3"})
+    train, _ = choose_cases(shared_data(), 6)
+    volumes = [preprocess(shared_data(), tmp_path, case_id, plan) for case_id in train[:2]]
+    roi = np.array([64, 96])
+    offcentre = SlabSampler(volumes, plan, np.random.default_rng(1), offcentre_fraction=1.0, min_overlap_mm=30)
+    centred = SlabSampler(volumes, plan, np.random.default_rng(1), jitter_mm=(0, 0))
+    spine_lo, spine_hi = offcentre.spine_boxes[0]
+    origins = np.array([offcentre.window_origin(0) for _ in range(300)])
+    overlap = np.minimum(origins + roi, spine_hi + 1) - np.maximum(origins, spine_lo)
+    assert (overlap >= np.minimum(10, (spine_hi - spine_lo + 1) // 2)).all()  # 30 mm at 3 mm
+    padded = np.array(offcentre.volumes[0][0].shape[1:])
+    assert (origins >= 0).all() and (origins + roi <= padded).all()
+    centre = centred.window_origin(0)
+    assert (np.abs(origins - centre).max(0) > roi // 3).all()  # far off-centre in both directions
+    assert len({tuple(centred.window_origin(0)) for _ in range(5)}) == 1
+    images, labels, _ = offcentre.batch(4)
+    assert images.shape == (4, plan.slab_size, 64, 96) and labels.shape == (4, 1, 64, 96)
+    with pytest.raises(ValueError, match="offcentre_fraction"):
+        SlabSampler(volumes, plan, np.random.default_rng(0), offcentre_fraction=1.5)
+
+
 def test_recipe_trains_resumes_and_publishes_with_its_plan(tmp_path):
     work, model_dir = tmp_path / "work", tmp_path / "model"
     common = ["--work", str(work), "--batch", "2", "--val-count", "2", "--checkpoint-every", "1", *TINY]

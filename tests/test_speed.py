@@ -133,6 +133,34 @@ def test_full_fov_scan_geometry(tmp_path):
     assert data.max() > 250  # the body is inside the field of view
 
 
+def test_full_fov_reference_scores_each_output_on_the_annotated_discs(tmp_path):
+    """The benchmark's full-FOV source brings its reference: the discs of ``fcs_IVD_11``
+    resampled onto the scan's grid, judged on the discs only (the scan's vertebrae and canal
+    are not annotated), so a one-level shift of the output shows as wrong levels."""
+    from conftest import shared_data
+
+    from lib.benchmark import full_fov_reference, reference_dice
+    from lib.pipeline.labels import DISCS
+
+    source = shared_data() / "images" / "fcs_IVD_11.nii.gz"
+    grid = {"shape": (160, 160, 9), "spacing": (1.2, 1.2, 4.0)}
+    scan = make_full_fov_scan(source, tmp_path / "fov.nii.gz", **grid)
+    reference = full_fov_reference(source, scan, **grid)
+    ref, ref_affine = read_volume(reference.label)
+    _, affine = read_volume(scan)
+    assert np.allclose(ref_affine, affine) and nib.load(str(reference.label)).get_data_dtype() == np.uint8
+    assert set(np.unique(ref)) == {0, *DISCS} and reference.info.annotated == frozenset(DISCS)
+    right = reference_dice(ref, reference, affine)
+    assert right["mean_dice"] == 1.0 and (right["level_correct"], right["level_total"]) == (5, 5)
+    shifted = ref.copy()
+    for disc in DISCS[1:]:  # each disc called the one above it: L1-L2 erased, no L5-S1 left
+        shifted[ref == disc] = disc - 1
+    shifted[ref == DISCS[0]] = 0
+    wrong = reference_dice(shifted, reference, affine)
+    assert wrong["mean_dice"] < 0.1 and wrong["level_correct"] == 0 and wrong["missing"] == ["L5-S1"]
+    assert full_fov_reference(tmp_path / "images" / "none.nii.gz", scan) is None
+
+
 def test_sample_stack_is_the_dropout_passes_as_one_batch():
     plan = SpinePlan.from_conf({**TINY, "dropout": "0.3"})
     network = build_network(plan).eval()

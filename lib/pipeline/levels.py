@@ -56,7 +56,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from lib.pipeline.errors import InvalidInput
-from lib.pipeline.labels import DISCS, NAMES, VERTEBRAE
+from lib.pipeline.labels import CANAL, DISCS, NAMES, VERTEBRAE
 from lib.pipeline.postprocess import check_label_map, clean_label
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
@@ -566,11 +566,86 @@ def _report(instances: List[_Instance], extras: List[dict], middle_removed: List
     }
 
 
+def recover_missing_discs(levelled: np.ndarray, pieces: np.ndarray, affine: np.ndarray, report: dict,
+                          min_instance_ml: float = 0.5) -> Tuple[np.ndarray, dict]:
+    """Fill a disc level that :func:`assign_levels` left missing with a disc piece the
+    clean-up set aside, where one lies between that disc's two vertebrae.
+
+    The clean-up keeps the largest piece of each disc label: the network's level names
+    are trusted first, which keeps extra discs (T12-L1, S1-S2) from shifting the levels.
+    But a network that names a disc after its neighbour leaves that disc as the second
+    piece of the neighbour's label, and it is gone before the levels are known. Here,
+    for each missing L1-L2 ... L4-L5 whose vertebra above and below are present, the
+    largest set-aside piece (26-connected, at least ``min_instance_ml``) whose centroid lies
+    between the two vertebrae's centroids (world z) takes that level.
+
+    ``levelled``: the output of :func:`assign_levels`; ``pieces``: the label map before the
+    largest-piece rule (same grid, speckle removed); ``affine``: 4x4 voxel -> RAS mm;
+    ``report``: the level report, updated (``present``, ``missing``, ``consistent``,
+    ``messages``; ``recovered``: disc -> the network's name for the piece and its volume).
+    """
+    missing = [d for d in DISCS[:-1] if NAMES[d] in report["missing"]]
+    spare = np.isin(pieces, DISCS) & (levelled == 0)
+    if not missing or not spare.any():
+        return levelled, report
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    components, n = ndi.label(spare, structure=CONNECTIVITY_26)
+    index = np.arange(1, n + 1)
+    sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    centroids = np.array(ndi.center_of_mass(spare, components, index)).reshape(-1, 3)
+    piece_z = (affine[:3, :3] @ centroids.T + affine[:3, 3:4])[2]
+
+    def vertebra_z(value: int) -> Optional[float]:
+        voxels = np.argwhere(levelled == value)
+        return float((affine[:3, :3] @ voxels.mean(axis=0) + affine[:3, 3])[2]) if voxels.size else None
+
+    out, recovered = levelled.copy(), {}
+    used = np.zeros(n, dtype=bool)
+    for disc in missing:
+        above, below = vertebra_z(VERTEBRAE[DISCS.index(disc)]), vertebra_z(VERTEBRAE[DISCS.index(disc) + 1])
+        if above is None or below is None:
+            continue
+        fits = (~used) & (sizes * voxel_ml >= min_instance_ml) & (piece_z < above) & (piece_z > below)
+        if not fits.any():
+            continue
+        c = int(np.argmax(np.where(fits, sizes, 0)))
+        used[c] = True
+        mask = components == c + 1
+        out[mask] = disc
+        named = np.bincount(pieces[mask], minlength=256)
+        recovered[NAMES[disc]] = {"network_label": NAMES[int(np.argmax(named))],
+                                  "volume_ml": round(float(sizes[c] * voxel_ml), 3)}
+    if not recovered:
+        return levelled, report
+    report = dict(report)
+    report["recovered"] = recovered
+    report["present"] = [NAMES[v] for v in SLOTS if NAMES[v] in report["present"] or NAMES[v] in recovered]
+    report["missing"] = [name for name in report["missing"] if name not in recovered]
+    messages = [m for m in report["messages"] if not m.startswith("not found: ")]
+    for name, r in recovered.items():
+        messages.append(f"{name} disc recovered: a {r['volume_ml']:.1f} mL piece the network labelled "
+                        f"{r['network_label']} lies between the {name.replace('-', ' and ')} vertebrae")
+    missed = [name for name in report["missing"] if name not in report["outside_field_of_view"]]
+    if missed:
+        messages.append(f"not found: {', '.join(missed)} (missed by the segmentation, or outside the field of "
+                        "view: check the image)")
+    report["consistent"] = bool(not report["missing"] and not report["extra"]
+                                and not report["disc_not_between_vertebrae"] and not report["out_of_order"])
+    if report["consistent"]:
+        messages.insert(0, "L1-L5 and the 5 lumbar discs found in cranio-caudal order")
+    report["messages"] = messages
+    return out, report
+
+
 def finish_label(label: np.ndarray, affine: np.ndarray, min_island_ml: float) -> Tuple[np.ndarray, dict]:
     """What the user gets from a label decision: :func:`lib.pipeline.postprocess.clean_label`
-    (islands under ``min_island_ml``) then :func:`assign_levels`. ``label`` (X, Y, Z) uint8 in
+    (speckle under ``min_island_ml`` removed, the largest piece of each disc label and of the
+    canal kept), :func:`assign_levels`, then :func:`recover_missing_discs` from the pieces the
+    clean-up set aside. ``label`` (X, Y, Z) uint8 in
     the grid of ``affine`` (voxel -> RAS mm); returns the label and the level report. One
     chain for the infer task, the validation measurement behind promotion and checkpoint
     choice, and the benchmark."""
     spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
-    return assign_levels(clean_label(np.asarray(label).astype(np.uint8), spacing, min_island_ml), affine)
+    pieces = clean_label(label, spacing, min_island_ml, single_component=(CANAL,))
+    levelled, report = assign_levels(clean_label(pieces, spacing, min_island_ml), affine)
+    return recover_missing_discs(levelled, pieces, affine, report)

@@ -9,7 +9,8 @@ masks) are passed through untouched.
 What :func:`clean_label` enforces, and why:
 
 * discs and the canal are single objects, so only their largest 3D connected
-  component is kept;
+  component is kept (a disc piece set aside here can still fill a missing level:
+  :func:`lib.pipeline.levels.recover_missing_discs`);
 * a whole vertebra may legitimately be several pieces (in a thin sagittal slab the
   body and the spinous process do not meet; the pedicles that join them lie
   outside the slab), so every vertebra piece of at least ``min_island_ml`` is kept
@@ -66,15 +67,16 @@ def _component_sizes(mask: np.ndarray):
     return components, np.bincount(components.ravel(), minlength=n + 1)
 
 
-def _keep_mask(value: int, mask: np.ndarray, min_island_voxels: float) -> np.ndarray:
+def _keep_mask(value: int, mask: np.ndarray, min_island_voxels: float,
+               single_component: Sequence[int] = _SINGLE_COMPONENT) -> np.ndarray:
     """Voxels of one structure (inside its bounding box) that survive island removal."""
     components, sizes = _component_sizes(mask)
-    if value in _SINGLE_COMPONENT:
+    if value in single_component:
         if sizes.size <= 2:  # one component (or none): nothing to remove
             return mask
         keep_ids = np.zeros(sizes.size, dtype=bool)
         keep_ids[1 + int(np.argmax(sizes[1:]))] = True
-    else:  # vertebra: several legitimate pieces, drop only speckle (a lone speck too)
+    else:  # vertebra (or any structure not in single_component): several pieces, drop only speckle
         keep_ids = sizes >= min_island_voxels
         keep_ids[0] = False
         if keep_ids[1:].all():
@@ -82,18 +84,23 @@ def _keep_mask(value: int, mask: np.ndarray, min_island_voxels: float) -> np.nda
     return keep_ids[components]
 
 
-def clean_label(label: np.ndarray, spacing_mm: Sequence[float], min_island_ml: float = 0.1) -> np.ndarray:
+def clean_label(label: np.ndarray, spacing_mm: Sequence[float], min_island_ml: float = 0.1,
+                single_component: Sequence[int] = _SINGLE_COMPONENT) -> np.ndarray:
     """Clean a predicted label map structure by structure.
 
     Args:
         label: 3D integer array ``(X, Y, Z)``, values 0..11 (any voxel order).
         spacing_mm: voxel size along each array axis, in mm.
-        min_island_ml: vertebra pieces smaller than this (mL) are removed.
+        min_island_ml: pieces smaller than this (mL) of the other structures are removed.
+        single_component: structures reduced to their largest 26-connected component
+            (default: the discs and the canal); the others keep every piece of at least
+            ``min_island_ml`` (the pieces :func:`lib.pipeline.levels.recover_missing_discs`
+            chooses from).
 
     Returns:
-        a new ``uint8`` array of the same shape: discs and canal reduced to their
-        largest 26-connected component, vertebra islands < ``min_island_ml`` removed,
-        holes of every structure filled where the voxel is background.
+        a new ``uint8`` array of the same shape: ``single_component`` structures reduced
+        to their largest 26-connected component, islands < ``min_island_ml`` of the others
+        removed, holes of every structure filled where the voxel is background.
     """
     label = check_label_map(label)
     if not np.isfinite(min_island_ml) or min_island_ml < 0:
@@ -109,7 +116,7 @@ def clean_label(label: np.ndarray, spacing_mm: Sequence[float], min_island_ml: f
         if box is None:
             continue
         mask = label[box] == value
-        keep = _keep_mask(value, mask, min_island_voxels)
+        keep = _keep_mask(value, mask, min_island_voxels, single_component)
         if keep is not mask:
             sub = out[box]  # a view: writes go to ``out``
             sub[mask & ~keep] = 0
