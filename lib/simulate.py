@@ -84,7 +84,9 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_OUT = REPO / "work" / "simulation"
-STRATEGIES = ("epistemic", "random", "first")
+STRATEGIES = ("epistemic", "epistemic_diverse", "random", "first")
+#: the strategies that rank by the serving model's scores: each evaluation waits for them
+SCORED_STRATEGIES = ("epistemic", "epistemic_diverse")
 
 #: server settings of every run (``--conf`` adds or overrides); ``preset tiny`` always
 DEFAULT_CONF: Dict[str, str] = {
@@ -450,7 +452,7 @@ def run_one(strategy: str, seed: int, pool: Path, evaluate: Evaluator, out: Path
             every = listing.get("versions") or []
             newest = every[0] if every else {}
             current = listing.get("serving")
-            if strategy == "epistemic":
+            if strategy in SCORED_STRATEGIES:
                 client.wait_scored(current)
             if not current:
                 log(f"  n={n}: no model serves yet")

@@ -304,6 +304,11 @@ def test_epistemic_scoring_and_next_sample(site):
     answer = requests.post(f"{server.url}/activelearning/epistemic", json={"count": 5}, timeout=30).json()
     assert answer["ids"] == sorted(scores, key=lambda i: -scores[i])
     assert answer["id"] == answer["ids"][0]
+    # each score comes with its per-structure profile, which epistemic_diverse compares
+    assert all(len(info["profile"]) == NUM_CLASSES - 1 for info in infos.values())
+    diverse = requests.post(f"{server.url}/activelearning/epistemic_diverse", json={"count": 5}, timeout=30).json()
+    assert diverse["round"] == 0  # the labelled scans were labelled before this model scored anything
+    assert diverse["id"] == answer["id"] and sorted(diverse["ids"]) == sorted(unlabeled)
 
 
 def test_infer_uses_the_weights_published_by_training(site, tmp_path):

@@ -9,6 +9,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
+from lib.activelearning.diverse import DiverseEpistemicStrategy
 from lib.activelearning.epistemic import EpistemicStrategy
 from lib.infers.spine import SpineInferTask
 from lib.lifecycle.model_store import weights_path
@@ -40,7 +41,8 @@ class SpineConfig(TaskConfig):
         return SpineTrainTask(self.model_dir, self.plan)
 
     def strategy(self):
-        return {"epistemic": EpistemicStrategy(), "random": Random(), "first": First()}
+        return {"epistemic": EpistemicStrategy(), "epistemic_diverse": DiverseEpistemicStrategy(), "random": Random(),
+                "first": First()}
 
     def scoring_method(self):
         return {"epistemic": EpistemicScoring(self.model_dir, self.plan)}

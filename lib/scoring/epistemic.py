@@ -29,7 +29,7 @@ dropped: the mutual information comes mostly from the dropout of the shallow sta
 the ranking did not follow the full computation.)
 
 Scores are written into the datastore's image info under ``SCORE_KEY`` together with the
-model version; a scan is re-scored only when the serving model changes.
+per-label profile (:meth:`RunningMutualInformation.profile`) and the model version; a scan is re-scored only when the serving model changes.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -101,13 +101,25 @@ class RunningMutualInformation:
             self.foreground |= foreground
         self.count += 1
 
-    def score(self) -> float:
+    def _mean_and_mi(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if not self.count:
             raise ValueError("no samples added")
         mean = self.sum_p / self.count
         mi = (-(mean * (mean + EPS).log()).sum(0) - self.sum_entropy / self.count).clamp_min(0)
+        return mean, mi
+
+    def score(self) -> float:
+        _, mi = self._mean_and_mi()
         region = mi[self.foreground] if self.foreground.any() else mi.flatten()
         return float(region.mean())
+
+    def profile(self) -> List[float]:
+        """Mean mutual information (nats) over the voxels the mean prediction gives each
+        foreground label ``1..C-1`` (0 where it gives none): *where* the model is unsure,
+        which :mod:`lib.activelearning.diverse` compares between scans."""
+        mean, mi = self._mean_and_mi()
+        decided = decide((mean + EPS).log(), self.decision, dim=0)
+        return [float(mi[decided == c].mean()) if (decided == c).any() else 0.0 for c in range(1, mean.shape[0])]
 
 
 def fitted_roi(shape: Tuple[int, ...], max_roi: Tuple[int, ...], multiple: int = 32) -> Tuple[int, ...]:
@@ -158,6 +170,11 @@ class EpistemicScorer:
 
         ``seed`` fixes the dropout masks, so a score is reproducible.
         """
+        return self.measure(image, method, samples, seed, step).score()
+
+    def measure(self, image: torch.Tensor, method: Optional[str] = None, samples: Optional[int] = None,
+                seed: int = 0, step: Optional[int] = None) -> RunningMutualInformation:
+        """The passes of :meth:`score`, accumulated: ``.score()`` and ``.profile()`` of one scan."""
         method = method or self.plan.score_computation
         samples = int(samples or self.plan.mc_samples)
         x = torch.as_tensor(image, dtype=torch.float32)[None].to(self.device)
@@ -188,7 +205,7 @@ class EpistemicScorer:
                         running.add(torch.softmax(inferer(x, self.network)[0], 0).cpu())
         finally:
             torch.random.set_rng_state(generator_state)
-        return running.score()
+        return running
 
 
     def slice_probabilities(self, x: torch.Tensor, samples: int, step: int) -> torch.Tensor:
@@ -209,7 +226,7 @@ class EpistemicScorer:
         logits = stacked.reshape(len(chosen), samples, -1, *stacked.shape[2:])
         return torch.softmax(logits, 2).permute(1, 2, 0, 3, 4)
 
-    def _score_slices(self, x: torch.Tensor, samples: int, seed: int, step: int) -> float:
+    def _score_slices(self, x: torch.Tensor, samples: int, seed: int, step: int) -> RunningMutualInformation:
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
@@ -220,7 +237,7 @@ class EpistemicScorer:
         running = RunningMutualInformation(self.plan.label_decision)
         for sample in probabilities:
             running.add(sample)
-        return running.score()
+        return running
 
 
 class EpistemicScoring(ScoringMethod):
@@ -262,8 +279,10 @@ class EpistemicScoring(ScoringMethod):
             except Exception as e:  # one unreadable scan must not stop the others
                 logger.warning(f"Epistemic scoring: cannot read {image_id}: {e}")
                 continue
-            score = scorer.score(image, samples=samples)
-            datastore.update_image_info(image_id, {SCORE_KEY: {"score": score, **stamp, "ts": int(time.time())}})
+            measured = scorer.measure(image, samples=samples)
+            score = measured.score()
+            datastore.update_image_info(image_id, {SCORE_KEY: {"score": score, "profile": measured.profile(),
+                                                               **stamp, "ts": int(time.time())}})
             scored[image_id] = score
             logger.info(f"Epistemic score {image_id}: {score:.5f} ({time.time() - start:.1f} s)")
         return {"scored": len(scored), "model_version": version, "scores": scored}
