@@ -31,10 +31,11 @@ run labels the whole pool at once and trains once (``strategy`` ``all`` in the C
 
 Seeding. MONAI Label 0.8.5's ``random`` strategy draws with Python's global ``random``
 (weighted by time since last pick) and cannot be seeded over HTTP, and the ``epistemic``
-strategy picks at random too while no model exists. So the simulation picks those
-client-side: ``random.Random(seed)`` chooses among the unlabeled ids (sorted), for the
-``random`` strategy always and for ``epistemic`` until the server ranks by scores (its
-answer then has no ``fallback``). With the same seed, both strategies therefore start from
+strategies (``epistemic``, ``epistemic_diverse``) pick at random too while no model exists.
+So the simulation picks those client-side: ``random.Random(seed)`` chooses among the
+unlabeled ids (sorted), for the ``random`` strategy always and for the others until the
+server ranks by scores (its answer then has no ``fallback``). With the same seed, the
+strategies therefore start from
 the same first images, which makes the comparison paired. The seed is also the runs'
 ``train_seed`` (unless ``--conf train_seed`` is given), so that seeds show training noise too. The server is still asked
 (``POST /activelearning/random``) so that the request path is exercised.
