@@ -132,6 +132,13 @@ def load_manifest(path: Optional[str | os.PathLike]) -> Dict[str, Dict[str, Any]
     raise EvaluationError(f"{path}: unrecognised manifest layout")
 
 
+def reliable_ids(data: str | os.PathLike, prefix: str = "spider_") -> List[str]:
+    """Sorted ids of ``data/manifest.json`` marked ``reliable`` whose id starts with ``prefix``
+    (default: the SPIDER scans, whole vertebrae with all 11 structures annotated)."""
+    return sorted(i for i, entry in load_manifest(Path(data) / "manifest.json").items()
+                  if i.startswith(prefix) and entry.get("reliable"))
+
+
 def find_manifest(labels_dir: Path) -> Optional[Path]:
     for candidate in (labels_dir.parent / "manifest.json", labels_dir / "manifest.json"):
         if candidate.is_file():

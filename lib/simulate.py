@@ -124,11 +124,6 @@ def log(message: str) -> None:
 # --- data ------------------------------------------------------------------------------
 
 
-def reliable_spider_ids(data: Path) -> List[str]:
-    cases = json.loads((data / "manifest.json").read_text())["cases"]
-    return sorted(c["id"] for c in cases if c["id"].startswith("spider_") and c.get("reliable"))
-
-
 def small_scan(data: Path, case_id: str, out_images: Path, out_labels: Path, keep_ignore: bool,
                lr_step: int = 3, inplane_step: int = 3, axcodes: str = "LPS") -> Tuple[Path, Path]:
     """A real SPIDER scan made small (every ``lr_step``-th sagittal slice, every
@@ -183,7 +178,9 @@ def prepare_data(out: Path, pool_size: Optional[int], test_size: int, data: Path
         pool_ids = train_ids[:pool_size]
         step = 1
     else:
-        ids = reliable_spider_ids(data)
+        from lib.evaluate import reliable_ids
+
+        ids = reliable_ids(data)
         random.Random(2024).shuffle(ids)
         pool_size = 12 if pool_size is None else pool_size
         if test_size + pool_size > len(ids):

@@ -57,6 +57,7 @@ from monai.transforms import Compose, RandAffined
 from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 
+from lib.evaluate import reliable_ids
 from lib.lifecycle.model_store import file_sha256, record_path, version_id, weights_path
 from lib.lifecycle.promotion import measure
 from lib.pipeline.io import atomic_copy, atomic_output, atomic_write_text
@@ -73,8 +74,7 @@ VAL_COUNT = 6
 
 def choose_cases(data: Path, val_count: int) -> Tuple[List[str], List[str]]:
     """(training ids, validation ids): reliable SPIDER scans, validation chosen by a hash of the id."""
-    cases = json.loads((data / "manifest.json").read_text())["cases"]
-    reliable = sorted(c["id"] for c in cases if c["id"].startswith(SPIDER_PREFIX) and c.get("reliable"))
+    reliable = reliable_ids(data, SPIDER_PREFIX)
     by_hash = sorted(reliable, key=lambda i: hashlib.sha1(i.encode()).hexdigest())
     validation = sorted(by_hash[:val_count])
     return [i for i in reliable if i not in validation], validation

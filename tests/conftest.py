@@ -8,7 +8,6 @@ outside the repository, with the tiny preset so that one epoch takes seconds.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import socket
@@ -41,12 +40,10 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def manifest_cases() -> list[dict]:
-    return json.loads((shared_data() / "manifest.json").read_text())["cases"]
-
-
 def reliable_spider_ids() -> list[str]:
-    return sorted(c["id"] for c in manifest_cases() if c["id"].startswith("spider_") and c.get("reliable"))
+    from lib.evaluate import reliable_ids
+
+    return reliable_ids(shared_data())
 
 
 def small_scan(case_id: str, out_dir: Path, axcodes: str = "LPS", lr_step: int = 3, inplane_step: int = 3):
