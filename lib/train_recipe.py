@@ -276,6 +276,17 @@ def save_weights(network: torch.nn.Module, path: Path, record: Dict) -> None:
     atomic_write_text(record_path(str(path)), json.dumps({**record, "sha256": file_sha256(str(path))}, indent=1))
 
 
+def keep_log_until(log_file: Path, step: int) -> None:
+    """Drop the entries of ``log.jsonl`` (one JSON object a line) past ``step``, the checkpoint
+    a run resumes from, so that the log describes the steps of the weights it ends with."""
+    if not log_file.exists():
+        return
+    lines = [line for line in log_file.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(log_file, "".join(line + "\n" for line in kept))
+
+
 def publish(work: Path, model_dir: Path) -> Dict:
     """The recipe's best weights become the serving model of ``model_dir`` (``spine.pt``) with
     a serving record (``spine.json``: version, sha256, plan, validation metrics, recipe)."""
@@ -368,6 +379,8 @@ def main(argv=None) -> None:
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best = state["step"], state["best"]
+        if lead:
+            keep_log_until(log_file, step)
         say(f"resumed at step {step} (best val mean Dice {best:.4f})", flush=True)
     elif args.init:
         load_weights(network, str(args.init), plan, device)
@@ -415,11 +428,13 @@ def main(argv=None) -> None:
                                                                               "work": str(work), "init": str(args.init)}})
                     entry["best"] = True
                 window_start = time.time()
+            # the log line first: a run stopped between the two leaves a log ahead of the
+            # checkpoint, which the resume trims (keep_log_until), never a step it cannot see
+            with open(log_file, "a") as f:
+                f.write(json.dumps(entry) + "\n")
             state = {"model": network.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best}
             with atomic_output(checkpoint_file) as tmp:
                 torch.save(state, tmp)
-            with open(log_file, "a") as f:
-                f.write(json.dumps(entry) + "\n")
             print(json.dumps(entry), flush=True)
             if world > 1:
                 torch.distributed.barrier()

@@ -22,7 +22,7 @@ from lib.pipeline.errors import PlanMismatch
 from lib.pipeline.losses import Annotation, marginal_cross_entropy
 from lib.pipeline.networks import load_network
 from lib.pipeline.plans import SpinePlan
-from lib.train_recipe import SlabSampler, choose_cases, learning_rate, preprocess
+from lib.train_recipe import SlabSampler, choose_cases, keep_log_until, learning_rate, preprocess
 
 TINY = ["--conf", "preset", "tiny"]
 
@@ -147,10 +147,25 @@ def test_a_killed_worker_ends_the_run_and_it_resumes(tmp_path):
     workers[-1].send_signal(signal.SIGKILL)
     out, _ = run.communicate(timeout=300)
     assert run.returncode != 0, out[-2000:]
-    done = len(log.read_text().splitlines())
+    # torchrun stops rank 0 wherever it is, possibly between its log line and its checkpoint
+    done = torch.load(work / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]
+    assert done >= 1  # the log held 2 lines, so checkpoint 1 was written
     resumed = recipe(*common, "--steps", str(done + 1))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed at step {done}" in resumed.stdout
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, done + 2))
+
+
+def test_resume_trims_the_log_to_its_checkpoint(tmp_path):
+    """A run stopped after its log line but before its checkpoint: the resume forgets that line."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": step, "loss": 1.0 / step}) + "\n" for step in (1, 2, 3)))
+    keep_log_until(log, 2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+    keep_log_until(log, 2)
+    assert len(log.read_text().splitlines()) == 2
+    keep_log_until(tmp_path / "absent.jsonl", 2)
+    assert not (tmp_path / "absent.jsonl").exists()
 
 
 def test_marginal_loss_judges_only_what_a_mask_annotates():
