@@ -146,6 +146,10 @@ def test_uploaded_file_names_stay_inside(site, filename):
         image_id = r.json()["image"]
         assert any(p.parent == studies for p in studies.glob(f"{image_id}.*"))
         assert requests.delete(f"{url}/datastore/image", params={"id": image_id}, timeout=30).status_code == 200
+        # gone from the index when the answer comes, not later when the file watcher runs
+        assert image_id not in json.loads((studies / "datastore_v2.json").read_text())["objects"]
+        listed = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()
+        assert image_id not in listed.get("objects", listed)
     assert not escaped(site)
     assert alive(url)
 

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from typing import Any, Dict
 
@@ -56,6 +57,7 @@ def check_name(value: Any, what: str, pattern: re.Pattern = ID_PATTERN) -> str:
 
 class SpineDatastore(LocalDatastore):
     def __init__(self, studies: str, **kwargs):
+        self._refresh_lock = threading.RLock()  # before the parent's __init__, which refreshes
         super().__init__(studies, extensions=SCAN_PATTERNS, **kwargs)
         if getattr(self, "_handler", None) is not None:  # auto reload: atomic writes arrive as renames
             self._handler.on_moved = self._on_moved_event
@@ -111,7 +113,25 @@ class SpineDatastore(LocalDatastore):
         return image_id
 
     def remove_image(self, image_id: str) -> None:
-        return super().remove_image(self._require_image(image_id))
+        super().remove_image(self._require_image(image_id))
+        self._forget_removed()
+
+    def _forget_removed(self) -> None:
+        """Drop what was just deleted from the index before the request returns.
+
+        With auto reload, ``LocalDatastore`` leaves that to the file watcher, which runs
+        later on its own thread: until then the listing and ``datastore_v2.json`` still
+        name the deleted scan or label, and the watcher rewrites the file in the middle
+        of whatever request comes next. (Without auto reload the parent refreshed already.)
+        """
+        if self._auto_reload:
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Reconcile the index with the files, one thread at a time (requests and the file
+        watcher both call this; the parent's reconcile mutates the index unguarded)."""
+        with self._refresh_lock:
+            super().refresh()
 
     def get_image_uri(self, image_id: str) -> str:
         return super().get_image_uri(self._require_image(image_id))
@@ -151,7 +171,8 @@ class SpineDatastore(LocalDatastore):
         return image_id
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
-        return super().remove_label(self._require_image(label_id), self._require_tag(label_tag))
+        super().remove_label(self._require_image(label_id), self._require_tag(label_tag))
+        self._forget_removed()
 
     def get_label_uri(self, label_id: str, label_tag: str) -> str:
         return super().get_label_uri(self._require_image(label_id), self._require_tag(label_tag))
