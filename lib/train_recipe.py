@@ -57,7 +57,7 @@ from monai.transforms import Compose, RandAffined
 from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 
-from lib.evaluate import reliable_ids
+from lib.evaluate import load_manifest, reliable_ids
 from lib.lifecycle.model_store import file_sha256, record_path, version_id, weights_path
 from lib.lifecycle.promotion import measure
 from lib.pipeline.io import atomic_copy, atomic_output, atomic_write_text
@@ -82,9 +82,9 @@ def choose_cases(data: Path, val_count: int) -> Tuple[List[str], List[str]]:
 
 def partial_cases(data: Path, prefixes: List[str]) -> Dict[str, Annotation]:
     """Reliable cases of the sets named by ``prefixes`` (``fcs_VB3``...) and what each annotates."""
-    cases = json.loads((data / "manifest.json").read_text())["cases"]
-    return {c["id"]: Annotation.from_manifest(c) for c in cases
-            if c.get("reliable") and any(c["id"].startswith(p) for p in prefixes)}
+    cases = load_manifest(data / "manifest.json")
+    return {i: Annotation.from_manifest(c) for i, c in cases.items()
+            if c.get("reliable") and i.startswith(tuple(prefixes))}
 
 
 def preprocess(data: Path, cache: Path, case_id: str, plan: SpinePlan) -> Dict[str, np.ndarray]:
