@@ -57,7 +57,7 @@ def check_name(value: Any, what: str, pattern: re.Pattern = ID_PATTERN) -> str:
 
 class SpineDatastore(LocalDatastore):
     def __init__(self, studies: str, **kwargs):
-        self._refresh_lock = threading.RLock()  # before the parent's __init__, which refreshes
+        self._refresh_lock = threading.RLock()  # first: the parent's __init__ starts the file watcher
         super().__init__(studies, extensions=SCAN_PATTERNS, **kwargs)
         if getattr(self, "_handler", None) is not None:  # auto reload: atomic writes arrive as renames
             self._handler.on_moved = self._on_moved_event
@@ -116,23 +116,6 @@ class SpineDatastore(LocalDatastore):
         super().remove_image(self._require_image(image_id))
         self._forget_removed()
 
-    def _forget_removed(self) -> None:
-        """Drop what was just deleted from the index before the request returns.
-
-        With auto reload, ``LocalDatastore`` leaves that to the file watcher, which runs
-        later on its own thread: until then the listing and ``datastore_v2.json`` still
-        name the deleted scan or label, and the watcher rewrites the file in the middle
-        of whatever request comes next. (Without auto reload the parent refreshed already.)
-        """
-        if self._auto_reload:
-            self.refresh()
-
-    def refresh(self) -> None:
-        """Reconcile the index with the files, one thread at a time (requests and the file
-        watcher both call this; the parent's reconcile mutates the index unguarded)."""
-        with self._refresh_lock:
-            super().refresh()
-
     def get_image_uri(self, image_id: str) -> str:
         return super().get_image_uri(self._require_image(image_id))
 
@@ -183,7 +166,24 @@ class SpineDatastore(LocalDatastore):
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
         return super().update_label_info(self._require_image(label_id), self._require_tag(label_tag), info)
 
-    # --- the datastore file ----------------------------------------------------------
+    # --- the index and its file (datastore_v2.json) ---------------------------------
+    def _forget_removed(self) -> None:
+        """Drop what was just deleted from the index before the request returns.
+
+        With auto reload, ``LocalDatastore`` leaves that to the file watcher, which runs
+        later on its own thread: until then the listing and ``datastore_v2.json`` still
+        name the deleted scan or label, and the watcher rewrites the file in the middle
+        of whatever request comes next. (Without auto reload the parent refreshed already.)
+        """
+        if self._auto_reload:
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Reconcile the index with the files, one thread at a time (requests and the file
+        watcher both call this; the parent's reconcile mutates the index unguarded)."""
+        with self._refresh_lock:
+            super().refresh()
+
     def _update_datastore_file(self, lock: bool = True) -> None:
         """Write ``datastore_v2.json`` atomically (MONAI Label truncates it in place)."""
 
