@@ -2,7 +2,7 @@
 
     python -m lib.simulate [--pool DIR] [--test DIR] --strategies epistemic random --seeds 0 1
                            --out work/simulation [--conf KEY VALUE ...] [--max-labels N]
-                           [--pool-size P] [--test-size K]
+                           [--pool-size P] [--test-size K] [--real-size | --site PREFIX]
 
 For each strategy and seed: a fresh studies folder and ``model_dir`` under
 ``OUT/runs/<strategy>-seed<seed>/``, the pool's *images* copied into the studies folder
@@ -59,6 +59,18 @@ the model card's dev validation scans), the pool its training scans; the server 
 ``default`` plan with :data:`REAL_SIZE_CONF`, so an empty ``model_dir`` starts from the shipped
 starter model (``--conf starter_model false``: from scratch), and a row at 0 labels evaluates
 the model that serves before any label.
+
+``--site PREFIX``: a site whose scans the starter never saw, with ``--real-size``'s settings.
+Pool and test set are that site's cases of ``--data`` (:func:`prepare_site_data`: a fixed
+shuffle, ``--test-size`` for the test set, the rest, or ``--pool-size`` of it, the pool), at
+full resolution with the data's manifest entries. Where a reference draws only some
+structures (the ``fcs_VB*`` sets: vertebral bodies), the annotator corrects the server's own
+pre-segmentation instead of saving the reference (:class:`Annotator`), and where every test
+reference draws bodies only the curve is the vertebral body sensitivity at the right level
+(:data:`METRICS`; the CSV also has the levels right and the predicted vertebra volume).
+Its point: in ``--real-size`` the pool is the starter's own training data, so the starter's
+uncertainty has little to find there; a site's unseen scans are where active learning is
+meant to pay.
 """
 
 from __future__ import annotations
@@ -81,6 +93,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import requests
+from scipy import ndimage as ndi
+
+from lib.pipeline.labels import DISCS, IGNORE_VALUE, VERTEBRAE
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -113,7 +128,13 @@ REAL_SIZE_CONF: Dict[str, str] = {
 GROUPS = ("vertebrae", "discs", "canal")
 CSV_COLUMNS = ("strategy", "seed", "n_labels", "train_images", "val_images", "model_version", "candidate_version",
                "promoted", "version_changed", "all_labels", "dice_vertebrae", "dice_discs", "dice_canal",
-               "dice_overall", "candidate_dice_overall", "test_cases", "train_seconds", "eval_seconds", "elapsed_seconds")
+               "dice_overall", "candidate_dice_overall", "body_sensitivity", "candidate_body_sensitivity",
+               "levels_correct", "levels_scored", "vertebra_ml", "test_cases", "train_seconds", "eval_seconds",
+               "elapsed_seconds")
+#: the curve's figure (``--site`` of a set with body-only references: ``body_sensitivity``), its CSV column;
+#: ``candidate_`` + it is the same figure of each training's candidate
+METRICS = {"dice_overall": "mean Dice on the test set (annotated structures)",
+           "body_sensitivity": "vertebral body sensitivity, right level (test set)"}
 ACTIVE = ("SUBMITTED", "RUNNING")
 
 
@@ -206,10 +227,168 @@ def prepare_data(out: Path, pool_size: Optional[int], test_size: int, data: Path
     return pool, test
 
 
+def prepare_site_data(out: Path, data: Path, site: str, test_size: int,
+                      pool_size: Optional[int] = None) -> Tuple[Path, Path]:
+    """``out/pool`` and ``out/test`` from one site's cases of ``data`` (ids starting with ``site``):
+    a fixed, seed-independent shuffle (seed 2024) of the sorted ids puts ``test_size`` of them in
+    the test set and the next ``pool_size`` (default: the rest) in the pool. Files are copied as
+    they are (full resolution, 255 kept: the simulated annotator and the evaluation both read
+    it), and each folder gets the site's ``manifest.json`` entries, which say what a reference
+    draws (``annotated_labels``, ``vertebra_extent``). Returns ``(pool_dir, test_dir)``."""
+    from lib.evaluate import load_manifest
+
+    manifest = load_manifest(data / "manifest.json") if (data / "manifest.json").exists() else {}
+    ids = sorted(i for i in manifest if i.startswith(site) and (data / "images" / f"{i}.nii.gz").exists()
+                 and (data / "labels" / f"{i}.nii.gz").exists())
+    if len(ids) <= test_size:
+        raise SystemExit(f"--site {site}: {len(ids)} case(s) with image and label in {data}: "
+                         f"need more than --test-size {test_size}")
+    random.Random(2024).shuffle(ids)
+    test_ids = ids[:test_size]
+    pool_ids = ids[test_size:] if pool_size is None else ids[test_size:test_size + pool_size]
+    pool, test = out / "pool", out / "test"
+    for folder, chosen in ((test, test_ids), (pool, pool_ids)):
+        if folder.exists():
+            shutil.rmtree(folder)
+        for kind in ("images", "labels"):
+            (folder / kind).mkdir(parents=True)
+            for case_id in chosen:
+                shutil.copyfile(data / kind / f"{case_id}.nii.gz", folder / kind / f"{case_id}.nii.gz")
+        (folder / "manifest.json").write_text(json.dumps({"cases": [manifest[i] for i in chosen]}, indent=1))
+    return pool, test
+
+
 def list_cases(folder: Path) -> List[str]:
     """Ids with both ``images/<id>.nii.gz`` and ``labels/<id>.nii.gz``."""
     return sorted(p.name[:-7] for p in (folder / "images").glob("*.nii.gz")
                   if (folder / "labels" / p.name).exists())
+
+
+def case_infos(folder: Path) -> Dict[str, Any]:
+    """``{id: lib.evaluate.CaseInfo}`` of a pool or test folder: what each reference draws, from
+    the folder's ``manifest.json`` (:func:`prepare_site_data`); every structure where it has none."""
+    from lib.evaluate import CaseInfo, case_info_from_entry, find_manifest, load_manifest
+
+    entries = load_manifest(find_manifest(folder / "labels"))
+    return {case: case_info_from_entry(entries[case]) if case in entries else CaseInfo() for case in list_cases(folder)}
+
+
+# --- the annotator -----------------------------------------------------------------------
+
+
+def simulated_correction(prediction: np.ndarray, reference: np.ndarray, affine: np.ndarray,
+                         annotated: Sequence[int]) -> np.ndarray:
+    """The label an annotator saves after correcting ``prediction`` where ``reference`` draws.
+
+    ``prediction`` and ``reference`` (X, Y, Z) label maps on one grid (``affine``: voxel ->
+    RAS mm); ``reference`` draws the vertebra values in ``annotated`` (whole vertebrae, or
+    only their bodies as the ``fcs_VB*`` sets do) and 255 where a structure is outside the
+    label table (T12 and above). Returns uint8.
+
+    - each predicted vertebra (connected piece) that overlaps drawn bone takes the level of
+      the reference vertebra it overlaps most (the annotator renames a wrong level,
+      posterior elements included), or becomes background when that is T12 or above;
+    - a predicted vertebra that overlaps none (a posterior piece, the sacrum) takes the
+      level of the nearest drawn vertebra in height when it lies between the highest and
+      the lowest of them, and becomes background above or below them;
+    - the reference's drawn voxels take the reference's value (missed parts added), also where
+      the model painted a disc over them;
+    - each predicted disc takes its level from the drawn vertebrae it touches
+      (``L(k)-L(k+1)`` touches L(k) and L(k+1)), else from its height between them; a disc
+      above L1 becomes background;
+    - everything else (canal, structures the reference does not draw) stays as predicted.
+    """
+    corrected = prediction.astype(np.uint8).copy()
+    drawn = [v for v in VERTEBRAE if v in set(annotated) and np.any(reference == v)]
+    if not drawn:
+        return corrected
+    structure = np.ones((3, 3, 3), dtype=bool)
+
+    def heights(mask: np.ndarray, offset=(0, 0, 0)) -> np.ndarray:  # RAS z (mm, superior +) of a mask's voxels
+        ijk = np.argwhere(mask) + np.asarray(offset)
+        return ijk @ affine[2, :3] + affine[2, 3]
+
+    span = {v: heights(reference == v) for v in drawn}
+    centre = {v: float(z.mean()) for v, z in span.items()}
+    top, bottom = max(z.max() for z in span.values()), min(z.min() for z in span.values())
+
+    def nearest(z: float) -> int:
+        return min(drawn, key=lambda v: abs(centre[v] - z))
+
+    for v in VERTEBRAE:
+        pieces, _ = ndi.label(prediction == v, structure=structure)
+        for piece, box in enumerate(ndi.find_objects(pieces), start=1):
+            inside = pieces[box] == piece
+            under = reference[box][inside]
+            candidates = [u for u in drawn + [IGNORE_VALUE] if np.any(under == u)]
+            if candidates:
+                best = max(candidates, key=lambda u: int(np.sum(under == u)))
+                corrected[box][inside] = 0 if best == IGNORE_VALUE else best
+                continue
+            z = float(heights(inside, [b.start for b in box]).mean())
+            corrected[box][inside] = nearest(z) if bottom <= z <= top else 0
+    for v in drawn:
+        corrected[reference == v] = v
+    corrected[(reference == IGNORE_VALUE) & np.isin(corrected, VERTEBRAE)] = 0
+
+    pieces, _ = ndi.label(np.isin(prediction, DISCS), structure=structure)
+    for piece, box in enumerate(ndi.find_objects(pieces), start=1):
+        box = tuple(slice(max(b.start - 2, 0), b.stop + 2) for b in box)
+        disc = pieces[box] == piece
+        ring = ndi.binary_dilation(disc, structure=structure, iterations=2) & ~disc
+        touched = sorted(set(np.unique(reference[box][ring]).tolist()) & set(drawn))
+        z = float(heights(disc, [b.start for b in box]).mean())
+        if len(touched) >= 2:
+            upper = touched[0]
+        elif touched:  # one neighbour drawn: the disc lies above or below it
+            upper = touched[0] - 1 if z > centre[touched[0]] else touched[0]
+        else:  # touching no drawn bone: from its height among the vertebrae
+            above = [v for v in drawn if centre[v] > z]
+            upper = max(above) if above else VERTEBRAE[0] - 1
+        disc &= ~np.isin(reference[box], drawn)  # drawn bone stays bone: the annotator drew it
+        corrected[box][disc] = 0 if upper < VERTEBRAE[0] else DISCS[0] + upper - VERTEBRAE[0]
+    return corrected
+
+
+class Annotator:
+    """What the simulated annotator saves as a pool image's ``final`` label.
+
+    Where the pool's reference draws every structure: the reference itself (a perfect
+    correction). Where it draws only some (a site's partially annotated set, its
+    ``manifest.json``): the server's own pre-segmentation of the image (``POST /infer/spine``,
+    the model serving then) corrected where the reference draws (:func:`simulated_correction`),
+    as an annotator who corrects what the model shows would save it; nothing the reference
+    does not draw is taught as background.
+    """
+
+    def __init__(self, pool: Path, work: Path):
+        from lib.evaluate import STRUCTURE_VALUES
+
+        self.pool, self.work = pool, work
+        self.partial = {case: sorted(info.annotated) for case, info in case_infos(pool).items()
+                        if set(info.annotated) != set(STRUCTURE_VALUES)}
+
+    def label(self, client: "Client", case: str) -> Path:
+        from lib.pipeline.io import read_volume, write_label
+
+        reference_path = self.pool / "labels" / f"{case}.nii.gz"
+        if case not in self.partial:
+            return reference_path
+        self.work.mkdir(parents=True, exist_ok=True)
+        shown = self.work / f"{case}_preseg.nii.gz"
+        try:
+            client.infer(case, shown)
+        except RuntimeError as e:
+            raise RuntimeError(f"{case}: its reference draws only {self.partial[case]}, so the annotator corrects "
+                               f"the serving model's pre-segmentation, and none came: {e}") from None
+        prediction, _ = read_volume(shown)
+        reference, affine = read_volume(reference_path)
+        if prediction.shape != reference.shape:
+            raise RuntimeError(f"{case}: the server's result {prediction.shape} is not on the reference's grid "
+                               f"{reference.shape}")
+        saved = self.work / f"{case}.nii.gz"
+        write_label(simulated_correction(prediction, reference, affine, self.partial[case]), affine, saved)
+        return saved
 
 
 # --- the server --------------------------------------------------------------------------
@@ -308,6 +487,14 @@ class Client:
         if r.status_code != 200:
             raise RuntimeError(f"label of {image_id} refused ({r.status_code}): {r.text[:500]}")
 
+    def infer(self, image_id: str, path: Path) -> None:
+        """The serving model's label of ``image_id`` (on the image's grid) into ``path``."""
+        r = requests.post(f"{self.url}/infer/spine", params={"image": image_id, "output": "image"}, json={},
+                          timeout=self.timeout)
+        if r.status_code != 200:
+            raise RuntimeError(f"infer of {image_id} refused ({r.status_code}): {r.text[:500]}")
+        path.write_bytes(r.content)
+
     def versions(self) -> Dict[str, Any]:
         r = requests.get(f"{self.url}/model/spine/versions", timeout=30)
         r.raise_for_status()
@@ -368,14 +555,25 @@ class Client:
 
 
 class Evaluator:
-    """Mean Dice of a version's weights on the fixed test set (cached per version)."""
+    """A version's weights on the fixed test set (cached per version): mean Dice per group and
+    overall over the structures each reference draws (``lib.evaluate``; NaN where none is
+    scored by Dice), and for body-only references (``vertebra_extent: body_only`` in the test
+    folder's manifest) the mean sensitivity of the vertebral bodies at the right level, the
+    levels right and the predicted vertebra volume (mL per scan: the check that sensitivity
+    was not bought by painting bone everywhere)."""
 
     def __init__(self, test_dir: Path, conf: Dict[str, str]):
         self.test_dir, self.conf = test_dir, {"preset": "tiny", **conf}
-        self.cases = list_cases(test_dir)
+        self.infos = case_infos(test_dir)
+        self.cases = list(self.infos)
         if not self.cases:
             raise SystemExit(f"no test cases in {test_dir} (images/<id>.nii.gz + labels/<id>.nii.gz)")
         self.cache: Dict[str, Dict[str, float]] = {}
+
+    @property
+    def metric(self) -> str:
+        """The curve's figure: vertebral body sensitivity where every reference draws bodies only."""
+        return "body_sensitivity" if all(i.body_only for i in self.infos.values()) else "dice_overall"
 
     def __call__(self, weights: Path, key: str) -> Dict[str, float]:
         if key in self.cache:
@@ -387,15 +585,22 @@ class Evaluator:
         start = time.perf_counter()
         segmenter = SpineSegmenter(str(weights), conf=self.conf, device="cpu")
         dice: Dict[str, List[float]] = {g: [] for g in (*GROUPS, "overall")}
+        body, volumes, levels_correct, levels_scored = [], [], 0, 0
         for case in self.cases:
             result = segmenter.segment(self.test_dir / "images" / f"{case}.nii.gz")
             reference, affine = read_volume(str(self.test_dir / "labels" / f"{case}.nii.gz"))
-            rows, _ = evaluate_case(reference.astype(np.int64), result.label, affine, case=case,
-                                    prediction_affine=result.affine)
+            rows, summary = evaluate_case(reference.astype(np.int64), result.label, affine, self.infos[case],
+                                          case=case, prediction_affine=result.affine)
             for group in GROUPS:
                 dice[group] += [r["dice"] for r in rows if r["value"] in EVAL_GROUPS[group]]
             dice["overall"] += [r["dice"] for r in rows]
+            body += [r["sensitivity"] for r in rows if r["body_only"]]
+            volumes.append(sum(r["pred_ml"] for r in rows if r["value"] in VERTEBRAE))
+            levels_correct += summary["level_correct"]
+            levels_scored += summary["level_total"]
         out = {g: _nanmean(v) for g, v in dice.items()}
+        out.update({"body_sensitivity": _nanmean(body), "levels_correct": levels_correct,
+                    "levels_scored": levels_scored, "vertebra_ml": _nanmean(volumes)})
         self.cache[key] = out
         return {**out, "eval_seconds": round(time.perf_counter() - start, 1)}
 
@@ -432,6 +637,7 @@ def run_one(strategy: str, seed: int, pool: Path, evaluate: Evaluator, out: Path
     for case in pool_ids:
         shutil.copyfile(pool / "images" / f"{case}.nii.gz", studies / f"{case}.nii.gz")
     rng = random.Random(seed)
+    annotator = Annotator(pool, run_dir / "labels")
     conf = {"train_seed": str(seed), **conf}  # the seed also varies the training (crops, augmentation)
     limit = len(pool_ids) if max_labels is None else min(max_labels, len(pool_ids))
     if strategy == "all":  # the reference: every label at once, one training
@@ -462,10 +668,14 @@ def run_one(strategy: str, seed: int, pool: Path, evaluate: Evaluator, out: Path
                 shutil.copyfile(model_dir / "spine.pt", weights)
             dice = evaluate(weights, current)
             candidate = newest.get("version")
-            candidate_dice: Optional[float] = dice["overall"] if candidate == current else None
+            candidate_figures: Optional[Dict[str, float]] = dice if candidate == current else None
             candidate_weights = model_dir / "versions" / str(candidate) / "spine.pt"
-            if candidate_dice is None and candidate_weights.exists():  # what the labels bought, served or not
-                candidate_dice = evaluate(candidate_weights, candidate)["overall"]
+            if candidate_figures is None and candidate_weights.exists():  # what the labels bought, served or not
+                candidate_figures = evaluate(candidate_weights, candidate)
+
+            def of_candidate(key: str) -> Any:
+                return "" if candidate_figures is None else round(candidate_figures[key], 5)
+
             row = {"strategy": strategy, "seed": seed, "n_labels": n,
                    "train_images": metrics.get("train_images"),
                    "val_images": len(metrics.get("validation_ids") or []),
@@ -473,7 +683,11 @@ def run_one(strategy: str, seed: int, pool: Path, evaluate: Evaluator, out: Path
                    "promoted": bool(newest.get("promoted")), "version_changed": current != serving,
                    "all_labels": n == len(pool_ids),
                    **{f"dice_{g}": round(dice[g], 5) for g in (*GROUPS, "overall")},
-                   "candidate_dice_overall": "" if candidate_dice is None else round(candidate_dice, 5),
+                   "candidate_dice_overall": of_candidate("overall"),
+                   "body_sensitivity": round(dice["body_sensitivity"], 5),
+                   "candidate_body_sensitivity": of_candidate("body_sensitivity"),
+                   "levels_correct": dice["levels_correct"], "levels_scored": dice["levels_scored"],
+                   "vertebra_ml": round(dice["vertebra_ml"], 1),
                    "test_cases": len(evaluate.cases), "train_seconds": round(train_seconds, 1),
                    "eval_seconds": dice["eval_seconds"], "elapsed_seconds": round(time.time() - start, 1)}
             serving = current
@@ -481,7 +695,10 @@ def run_one(strategy: str, seed: int, pool: Path, evaluate: Evaluator, out: Path
             csv_log.write(row)
             log(f"  n={n}: version {current} ({'new' if row['version_changed'] else 'unchanged'}; candidate "
                 f"{'promoted' if row['promoted'] else 'rejected'}) Dice overall {row['dice_overall']:.3f} "
-                f"(vert {row['dice_vertebrae']:.3f}, discs {row['dice_discs']:.3f}, canal {row['dice_canal']:.3f})")
+                f"(vert {row['dice_vertebrae']:.3f}, discs {row['dice_discs']:.3f}, canal {row['dice_canal']:.3f})"
+                + (f"; body sensitivity {row['body_sensitivity']:.3f} (candidate {row['candidate_body_sensitivity']}),"
+                   f" levels {row['levels_correct']}/{row['levels_scored']}, vertebrae {row['vertebra_ml']} mL"
+                   if not math.isnan(dice["body_sensitivity"]) else ""))
 
         def train_and_wait(n: int, request: bool) -> None:
             t0 = time.time()
@@ -516,7 +733,7 @@ def run_one(strategy: str, seed: int, pool: Path, evaluate: Evaluator, out: Path
                 else:
                     image_id, how = answer["id"], "server"
             runs_before = client.info()["auto_train"]["runs_started"]
-            client.save_label(image_id, pool / "labels" / f"{image_id}.nii.gz")
+            client.save_label(image_id, annotator.label(client, image_id))
             n += 1
             picks.append({"n": n, "image": image_id, "how": how})
             started = client.info()["auto_train"]["runs_started"] > runs_before
@@ -543,15 +760,15 @@ def read_rows(path: Path) -> List[Dict[str, Any]]:
     for r in rows:
         r["seed"], r["n_labels"] = int(r["seed"]), int(r["n_labels"])
         r["all_labels"] = r["all_labels"] == "True"
-        for key in ("dice_vertebrae", "dice_discs", "dice_canal", "dice_overall"):
-            r[key] = float(r[key])
-        r["candidate_dice_overall"] = float(r["candidate_dice_overall"]) if r.get("candidate_dice_overall") \
-            else float("nan")
+        for key in ("dice_vertebrae", "dice_discs", "dice_canal", "dice_overall", *(f"{p}{m}" for m in METRICS
+                                                                                     for p in ("", "candidate_"))):
+            r[key] = float(r[key]) if r.get(key) else float("nan")  # CSVs of before body_sensitivity: NaN
     return rows
 
 
 def curves(rows: Sequence[Dict[str, Any]], key: str = "dice_overall") -> Dict[str, Dict[str, Any]]:
-    """Per strategy: label counts and, per seed, the serving model's Dice at each count (carried forward)."""
+    """Per strategy: label counts and, per seed, the serving model's ``key`` (a :data:`METRICS` column, or
+    ``candidate_`` + one) at each count (carried forward)."""
     out: Dict[str, Dict[str, Any]] = {}
     for strategy in sorted({r["strategy"] for r in rows if r["strategy"] != "all"}):
         mine = [r for r in rows if r["strategy"] == strategy]
@@ -574,40 +791,49 @@ def labels_to_reach(xs: Sequence[int], ys: Sequence[float], threshold: float) ->
     return next((x for x, y in zip(xs, ys) if not math.isnan(y) and y >= threshold), None)
 
 
-def summarize(rows: Sequence[Dict[str, Any]], fraction: float = 0.9) -> Dict[str, Any]:
-    """All-labels Dice (mean over the runs' all-labels points) and labels needed to reach ``fraction`` of it."""
+def summarize(rows: Sequence[Dict[str, Any]], fraction: float = 0.9, metric: str = "dice_overall") -> Dict[str, Any]:
+    """The all-labels figure and labels needed to reach ``fraction`` of it.
+
+    The all-labels figure is ``metric`` (a :data:`METRICS` column) of the model trained on every
+    pool label: the mean over the runs' all-labels points of their candidate's figure, served or
+    not (the promotion gate may have kept an older model; where a point has no candidate figure,
+    what serves). ``all_labels_serving`` is what served then, ``all_labels_dice`` its Dice per group."""
     full = [r for r in rows if r["all_labels"]]
     reference = {g: _nanmean([r[f"dice_{g}"] for r in full]) for g in (*GROUPS, "overall")} if full else None
-    summary: Dict[str, Any] = {"all_labels_dice": reference, "all_labels_points": len(full), "fraction": fraction,
-                               # the last candidate, trained on every label, also where the gate kept an older model
-                               "all_labels_candidate_dice": _nanmean([r["candidate_dice_overall"] for r in full])
-                               if full else None, "strategies": {}}
-    if not reference or math.isnan(reference["overall"]):
+    trained_on_all = [r[f"candidate_{metric}"] if not math.isnan(r[f"candidate_{metric}"]) else r[metric] for r in full]
+    summary: Dict[str, Any] = {"metric": metric, "metric_name": METRICS[metric],
+                               "all_labels_dice": reference, "all_labels_points": len(full), "fraction": fraction,
+                               "all_labels": _nanmean(trained_on_all) if full else None,
+                               "all_labels_serving": _nanmean([r[metric] for r in full]) if full else None,
+                               "strategies": {}}
+    if not full or math.isnan(summary["all_labels"]):
         return summary
-    threshold = fraction * reference["overall"]
+    threshold = fraction * summary["all_labels"]
     summary["threshold"] = threshold
-    candidates = curves(rows, "candidate_dice_overall")
-    for strategy, c in curves(rows).items():
+    candidates = curves(rows, f"candidate_{metric}")
+    for strategy, c in curves(rows, metric).items():
         summary["strategies"][strategy] = {
             "labels_to_threshold": labels_to_reach(c["n_labels"], c["mean"], threshold),
             "per_seed": {str(s): labels_to_reach(c["n_labels"], ys, threshold) for s, ys in c["per_seed"].items()},
-            "n_labels": c["n_labels"], "mean_dice": c["mean"],
+            "n_labels": c["n_labels"], "mean": c["mean"],
             # each training's candidate, served or not: what the labels bought
-            "candidate_mean_dice": candidates[strategy]["mean"],
+            "candidate_mean": candidates[strategy]["mean"],
             "candidate_labels_to_threshold": labels_to_reach(c["n_labels"], candidates[strategy]["mean"], threshold),
         }
     return summary
 
 
 def plot(rows: Sequence[Dict[str, Any]], summary: Dict[str, Any], path: Path) -> None:
+    """The learning curves of ``summary["metric"]`` (serving model, and each training's candidate)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    candidates = curves(rows, "candidate_dice_overall")
-    for strategy, c in curves(rows).items():
+    metric = summary.get("metric", "dice_overall")
+    candidates = curves(rows, f"candidate_{metric}")
+    for strategy, c in curves(rows, metric).items():
         seeds = len(c["per_seed"])
         line, = ax.plot(c["n_labels"], c["mean"], marker="o", label=f"{strategy}: serving model (mean of {seeds} seed"
                                                                       f"{'s' if seeds > 1 else ''})")
@@ -615,13 +841,12 @@ def plot(rows: Sequence[Dict[str, Any]], summary: Dict[str, Any], path: Path) ->
         if any(not math.isnan(a) and a != b for a, b in zip(candidates[strategy]["mean"], c["mean"])):
             ax.plot(c["n_labels"], candidates[strategy]["mean"], marker="x", linestyle=":", color=line.get_color(),
                     label=f"{strategy}: each training's candidate, served or not")
-    reference = summary.get("all_labels_dice")
-    if reference and not math.isnan(reference["overall"]):
-        ax.axhline(reference["overall"], color="grey", linewidth=1, label="all pool labels")
+    if summary.get("threshold") is not None:
+        ax.axhline(summary["all_labels"], color="grey", linewidth=1, label="all pool labels")
         ax.axhline(summary["threshold"], color="grey", linestyle="--", linewidth=1,
-                   label=f"{summary['fraction']:.0%} of all-labels Dice")
+                   label=f"{summary['fraction']:.0%} of the all-labels figure")
     ax.set_xlabel("final labels saved (images)")
-    ax.set_ylabel("mean Dice on the held-out test set (11 structures)")
+    ax.set_ylabel(METRICS[metric])
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -643,19 +868,24 @@ def _json_safe(obj: Any) -> Any:
 
 
 def report(out: Path) -> Dict[str, Any]:
-    """CSV -> ``summary.json`` + ``learning_curve.png``; printed."""
+    """CSV -> ``summary.json`` + ``learning_curve.png`` of the run's metric (``config.json``); printed."""
     rows = read_rows(out / "simulation.csv")
-    summary = summarize(rows)
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    summary = summarize(rows, metric=config.get("metric", "dice_overall"))
     (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1))
     plot(rows, summary, out / "learning_curve.png")
     reference = summary.get("all_labels_dice")
     if reference:
         log(f"all-labels Dice (mean of {summary['all_labels_points']} point(s)): overall {reference['overall']:.3f}, "
             f"vertebrae {reference['vertebrae']:.3f}, discs {reference['discs']:.3f}, canal {reference['canal']:.3f}")
+    if summary["all_labels"] is not None:
+        log(f"all-labels {summary['metric_name']} (the model trained on every label): {summary['all_labels']:.3f}; "
+            f"serving then: {summary['all_labels_serving']:.3f}")
     for strategy, s in summary["strategies"].items():
         n = s["labels_to_threshold"]
         log(f"{strategy}: {'never reached' if n is None else n} labels to reach {summary['fraction']:.0%} "
-            f"({summary['threshold']:.3f}); per seed {s['per_seed']}")
+            f"({summary['threshold']:.3f}); per seed {s['per_seed']}; by the trainings' candidates: "
+            f"{s['candidate_labels_to_threshold']}")
     return summary
 
 
@@ -676,6 +906,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default test set: SPIDER cases (default 3; --real-size: the recipe's validation split)")
     p.add_argument("--real-size", action="store_true",
                    help="full-resolution scans, the shipped model's plan and starter (see the module help)")
+    p.add_argument("--site", metavar="PREFIX",
+                   help="pool and test from one site's cases of --data (e.g. fcs_VB3), with --real-size's "
+                        "settings and a correcting annotator (see the module help)")
     p.add_argument("--phantoms", type=int, default=0, help="synthetic phantoms added to the default pool")
     p.add_argument("--strategies", nargs="+", default=["epistemic", "random"], choices=STRATEGIES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -697,9 +930,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.report_only:
         report(out)
         return 0
-    conf = {**DEFAULT_CONF, **(REAL_SIZE_CONF if args.real_size else {}), **dict(args.conf)}
+    real_size = args.real_size or args.site is not None
+    conf = {**DEFAULT_CONF, **(REAL_SIZE_CONF if real_size else {}), **dict(args.conf)}
     conf.pop("model_dir", None)  # each run has its own
-    if args.pool is None:
+    if args.site is not None:
+        if args.pool is not None or args.test is not None:
+            raise SystemExit("--site makes the pool and the test set: no --pool/--test with it")
+        pool, test = prepare_site_data(out / f"data-{args.site}", args.data, args.site, args.test_size, args.pool_size)
+    elif args.pool is None:
         pool, test = prepare_data(out / ("data-real" if args.real_size else "data"), args.pool_size, args.test_size,
                                   args.data, args.phantoms, args.real_size)
         if args.test is not None:
@@ -719,7 +957,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     csv_path.unlink(missing_ok=True)
     csv_log = CsvLog(csv_path)
     (out / "config.json").write_text(json.dumps({"argv": list(argv) if argv is not None else sys.argv[1:],
-                                                 "conf": conf, "pool": str(pool), "test": str(test),
+                                                 "conf": conf, "metric": evaluate.metric,
+                                                 "pool": str(pool), "test": str(test),
                                                  "pool_cases": list_cases(pool), "test_cases": list_cases(test)},
                                                 indent=1))
     all_rows: List[Dict[str, Any]] = []

@@ -41,89 +41,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from lib.evaluate import list_label_files, load_manifest
 from lib.evaluate import main as evaluate_main
 from lib.pipeline.io import read_volume, write_label
-from lib.pipeline.labels import DISCS, IGNORE_VALUE, NAMES, VERTEBRAE
-from lib.simulate import DEFAULT_DATA, Client, Server, log
+from lib.pipeline.labels import NAMES, VERTEBRAE
+from lib.simulate import DEFAULT_DATA, Client, Server, log, simulated_correction
 
 REPO = Path(__file__).resolve().parents[1]
 #: server settings of the fine-tuning run (``--conf`` adds or overrides)
 DEFAULT_CONF: Dict[str, str] = {"auto_train": "false", "val_interval": "5", "warmup_epochs": "3"}
-
-
-def simulated_correction(prediction: np.ndarray, reference: np.ndarray, affine: np.ndarray,
-                         annotated: Sequence[int]) -> np.ndarray:
-    """The label an annotator saves after correcting ``prediction`` where ``reference`` draws.
-
-    ``prediction`` and ``reference`` (X, Y, Z) label maps on one grid (``affine``: voxel ->
-    RAS mm); ``reference`` draws the vertebra values in ``annotated`` (whole vertebrae, or
-    only their bodies as the ``fcs_VB*`` sets do) and 255 where a structure is outside the
-    label table (T12 and above). Returns uint8.
-
-    - each predicted vertebra (connected piece) that overlaps drawn bone takes the level of
-      the reference vertebra it overlaps most (the annotator renames a wrong level,
-      posterior elements included), or becomes background when that is T12 or above;
-    - a predicted vertebra that overlaps none (a posterior piece, the sacrum) takes the
-      level of the nearest drawn vertebra in height when it lies between the highest and
-      the lowest of them, and becomes background above or below them;
-    - the reference's drawn voxels take the reference's value (missed parts added);
-    - each predicted disc takes its level from the drawn vertebrae it touches
-      (``L(k)-L(k+1)`` touches L(k) and L(k+1)), else from its height between them; a disc
-      above L1 becomes background;
-    - everything else (canal, structures the reference does not draw) stays as predicted.
-    """
-    corrected = prediction.astype(np.uint8).copy()
-    drawn = [v for v in VERTEBRAE if v in set(annotated) and np.any(reference == v)]
-    if not drawn:
-        return corrected
-    structure = np.ones((3, 3, 3), dtype=bool)
-
-    def heights(mask: np.ndarray, offset=(0, 0, 0)) -> np.ndarray:  # RAS z (mm, superior +) of a mask's voxels
-        ijk = np.argwhere(mask) + np.asarray(offset)
-        return ijk @ affine[2, :3] + affine[2, 3]
-
-    span = {v: heights(reference == v) for v in drawn}
-    centre = {v: float(z.mean()) for v, z in span.items()}
-    top, bottom = max(z.max() for z in span.values()), min(z.min() for z in span.values())
-
-    def nearest(z: float) -> int:
-        return min(drawn, key=lambda v: abs(centre[v] - z))
-
-    for v in VERTEBRAE:
-        pieces, _ = ndi.label(prediction == v, structure=structure)
-        for piece, box in enumerate(ndi.find_objects(pieces), start=1):
-            inside = pieces[box] == piece
-            under = reference[box][inside]
-            candidates = [u for u in drawn + [IGNORE_VALUE] if np.any(under == u)]
-            if candidates:
-                best = max(candidates, key=lambda u: int(np.sum(under == u)))
-                corrected[box][inside] = 0 if best == IGNORE_VALUE else best
-                continue
-            z = float(heights(inside, [b.start for b in box]).mean())
-            corrected[box][inside] = nearest(z) if bottom <= z <= top else 0
-    for v in drawn:
-        corrected[reference == v] = v
-    corrected[(reference == IGNORE_VALUE) & np.isin(corrected, VERTEBRAE)] = 0
-
-    pieces, _ = ndi.label(np.isin(prediction, DISCS), structure=structure)
-    for piece, box in enumerate(ndi.find_objects(pieces), start=1):
-        box = tuple(slice(max(b.start - 2, 0), b.stop + 2) for b in box)
-        disc = pieces[box] == piece
-        ring = ndi.binary_dilation(disc, structure=structure, iterations=2) & ~disc
-        touched = sorted(set(np.unique(reference[box][ring]).tolist()) & set(drawn))
-        z = float(heights(disc, [b.start for b in box]).mean())
-        if len(touched) >= 2:
-            upper = touched[0]
-        elif touched:  # one neighbour drawn: the disc lies above or below it
-            upper = touched[0] - 1 if z > centre[touched[0]] else touched[0]
-        else:  # touching no drawn bone: from its height among the vertebrae
-            above = [v for v in drawn if centre[v] > z]
-            upper = max(above) if above else VERTEBRAE[0] - 1
-        corrected[box][disc] = 0 if upper < VERTEBRAE[0] else DISCS[0] + upper - VERTEBRAE[0]
-    return corrected
 
 
 def _evaluate(data: Path, cases: List[str], model: Path, out: Path) -> Dict[str, Any]:

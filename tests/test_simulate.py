@@ -70,3 +70,48 @@ def test_real_size_data_is_the_starter_recipes_split(tmp_path):
     assert values(pool / "labels" / f"{case}.nii.gz") <= set(range(12))
     # test labels keep 255 (not annotated) for the evaluation, exactly as the source has it
     assert values(test / "labels" / f"{val_ids[0]}.nii.gz") == values(data / "labels" / f"{val_ids[0]}.nii.gz")
+
+
+def test_a_site_run_corrects_the_servers_presegmentation(tmp_path):
+    """--site: a site's unseen, partially annotated scans (fcs_VB3: vertebral bodies only). The
+    annotator saves the serving starter's pre-segmentation corrected where the reference draws,
+    not the bodies-only reference; the curve is the body sensitivity at the right level."""
+    import nibabel as nib
+    import numpy as np
+
+    from lib.pipeline.labels import DISCS, VERTEBRAE
+
+    data = shared_data()
+    out = tmp_path / "site"
+    rc = simulate.main(["--data", str(data), "--site", "fcs_VB3", "--test-size", "1", "--pool-size", "2",
+                        "--strategies", "epistemic", "--seeds", "0", "--out", str(out), "--max-labels", "2",
+                        "--timeout", "900", "--conf", "max_epochs", "1"])
+    assert rc == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["metric"] == "body_sensitivity"
+    assert all(c.startswith("fcs_VB3") for c in config["pool_cases"] + config["test_cases"])
+    assert not set(config["pool_cases"]) & set(config["test_cases"]) and len(config["pool_cases"]) == 2
+    with open(out / "simulation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["n_labels"]) for r in rows] == [0, 2], rows  # the starter serves before any label
+    for r in rows:
+        assert 0 <= float(r["body_sensitivity"]) <= 1 and math.isnan(float(r["dice_overall"])), r  # no Dice here
+        assert int(r["levels_scored"]) == 5 and float(r["vertebra_ml"]) > 0, r
+    assert 0 <= float(rows[-1]["candidate_body_sensitivity"]) <= 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "body_sensitivity"
+    # the all-labels figure is the model trained on every label, served or not
+    assert summary["all_labels"] == float(rows[-1]["candidate_body_sensitivity"])
+    assert summary["all_labels_serving"] == float(rows[-1]["body_sensitivity"])
+
+    run = out / "runs" / "epistemic-seed0"
+    for case in config["pool_cases"]:
+        saved = np.asarray(nib.load(run / "labels" / f"{case}.nii.gz").dataobj)
+        stored = np.asarray(nib.load(run / "studies" / "labels" / "final" / f"{case}.nii.gz").dataobj)
+        reference = np.asarray(nib.load(data / "labels" / f"{case}.nii.gz").dataobj)
+        assert np.array_equal(saved, stored)  # what the server keeps is the corrected label
+        drawn = np.isin(reference, VERTEBRAE)
+        assert np.array_equal(saved[drawn], reference[drawn])  # the drawn bodies, at their levels
+        assert set(np.unique(saved).tolist()) <= set(range(12))
+        # beyond what the reference draws: the model's discs and the rest of each vertebra, kept
+        assert np.isin(saved, DISCS).any() and np.count_nonzero(np.isin(saved, VERTEBRAE)) > np.count_nonzero(drawn)

@@ -1,5 +1,6 @@
-"""The simulated annotator of ``lib.site_adaptation``: a pre-segmentation with wrong levels
-and missed bone, corrected where a bodies-only reference draws, on a phantom's anatomy."""
+"""The simulated annotator of ``lib.simulate`` (``lib.site_adaptation`` uses it too): a
+pre-segmentation with wrong levels and missed bone, corrected where a bodies-only reference
+draws, on a phantom's anatomy."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 
 from lib.phantom import make_phantom
 from lib.pipeline.labels import CANAL, DISCS, IGNORE_VALUE, VERTEBRAE
-from lib.site_adaptation import simulated_correction
+from lib.simulate import simulated_correction
 
 
 def _phantom():
@@ -52,3 +53,22 @@ def test_nothing_to_correct_leaves_the_prediction():
     reference = np.where(np.isin(truth, VERTEBRAE), truth, 0).astype(np.uint8)
     corrected = simulated_correction(truth, reference, affine, annotated=list(VERTEBRAE))
     assert np.array_equal(corrected, truth)
+
+
+def test_a_disc_painted_over_a_drawn_body_gives_way_to_the_body():
+    """On unseen scans the starter paints discs into vertebral bodies (fcs_VB3: a third of the
+    drawn body voxels): the annotator's drawn bone wins, the rest of the disc keeps its level."""
+    truth, affine = _phantom()
+    reference = np.where(np.isin(truth, VERTEBRAE), truth, 0).astype(np.uint8)
+    disc = DISCS[2]  # L3-L4: grown into the lower half of L3 and the upper half of L4
+    grown = np.isin(truth, (3, 4)) & (np.abs(np.argwhere(np.ones(truth.shape, bool))[:, 2].reshape(truth.shape)
+                                              - np.argwhere(truth == disc)[:, 2].mean()) < 4)
+    prediction = truth.copy()
+    prediction[grown] = disc
+    assert np.count_nonzero(grown) > 0
+
+    corrected = simulated_correction(prediction, reference, affine, annotated=list(VERTEBRAE))
+
+    for v in VERTEBRAE:
+        assert np.all(corrected[reference == v] == v), v
+    assert np.all(corrected[truth == disc] == disc)
