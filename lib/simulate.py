@@ -760,8 +760,7 @@ def read_rows(path: Path) -> List[Dict[str, Any]]:
     for r in rows:
         r["seed"], r["n_labels"] = int(r["seed"]), int(r["n_labels"])
         r["all_labels"] = r["all_labels"] == "True"
-        for key in ("dice_vertebrae", "dice_discs", "dice_canal", "dice_overall", *(f"{p}{m}" for m in METRICS
-                                                                                     for p in ("", "candidate_"))):
+        for key in ("dice_vertebrae", "dice_discs", "dice_canal", *METRICS, *(f"candidate_{m}" for m in METRICS)):
             r[key] = float(r[key]) if r.get(key) else float("nan")  # CSVs of before body_sensitivity: NaN
     return rows
 
