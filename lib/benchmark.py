@@ -274,7 +274,7 @@ def benchmark_infer(scans: Sequence[Path], model_path: str, conf: Dict[str, str]
         stock_pipeline = StockPipeline(load_network(dataclasses.replace(plan, fused_attention=False), model_path), plan)
         stock, wall_s, peak_s = timed(lambda: stock_pipeline(scan))
         image, affine = read_volume(scan)
-        stock = finish_label(stock, affine, plan.min_island_ml)[0]  # the app's clean-up, for a like-for-like agreement
+        stock = finish_label(stock, affine, plan.min_island_ml, plan.midline_prior)[0]  # the app's clean-up, for a like-for-like agreement
         agreement = agreement_report(stock, app.label)
         if figures is not None:  # where the two outputs differ, on the mid-sagittal slice
             from lib.evaluate import plot_overlay

@@ -52,6 +52,11 @@ def load(case_id: str, require_reliable_spider: bool = True):
     return label, image.affine.copy()
 
 
+def lateral_axis(affine: np.ndarray) -> int:
+    """The array axis that runs left-right (world x) in ``affine``."""
+    return int(np.argmax(np.abs(np.asarray(affine)[0, :3])))
+
+
 def world_z(affine: np.ndarray, mask: np.ndarray) -> float:
     """World z (mm, + superior) of the centroid of a boolean mask."""
     ijk = np.argwhere(mask).mean(axis=0)
@@ -182,6 +187,37 @@ def test_finish_label_keeps_a_disc_named_after_its_neighbour():
     gone[tuple(below[inside].T)] = 6  # an extra disc named L1-L2 under the sacrum's top
     out, report = finish_label(gone, affine, 0.1)
     assert "L2-L3" in report["missing"] and "recovered" not in report and not (out == 7).any()
+
+
+def test_finish_label_reports_a_structure_found_only_far_from_the_midline():
+    """The midline prior comes last and only takes away: on a reference placed in a scan
+    141 mm wide it changes nothing, and a disc found only 45 mm to the side (where the network
+    paints on lateral slices) is removed and reported missing, which the same chain without
+    the prior does not do."""
+    label, affine = load(CASES[0])
+    axis = lateral_axis(affine)
+    width = int(round(141 / np.linalg.norm(affine[:3, axis])))
+    first = (width - label.shape[axis]) // 2
+    wide = np.zeros(label.shape[:axis] + (width,) + label.shape[axis + 1:], np.uint8)
+    np.moveaxis(wide, axis, 0)[first:first + label.shape[axis]] = np.moveaxis(label, axis, 0)
+    affine = affine.copy()
+    affine[:3, 3] -= affine[:3, axis] * first
+    plain, plain_report = finish_label(wide, affine, 0.1, midline_prior=False)
+    out, report = finish_label(wide, affine, 0.1)
+    np.testing.assert_array_equal(out, plain)
+    assert report["lateral_removed_ml"] == {} and report["consistent"] is True
+
+    shift = int(round(45 / np.linalg.norm(affine[:3, axis])))
+    moved = wide.copy()
+    moved[wide == 8] = 0  # L3-L4 taken out of the spine, and put 45 mm to the side
+    np.moveaxis(moved, axis, 0)[shift:][np.moveaxis(wide == 8, axis, 0)[:-shift]] = 8
+    kept, kept_report = finish_label(moved, affine, 0.1, midline_prior=False)
+    assert "L3-L4" in kept_report["present"] and (kept == 8).sum() == (wide == 8).sum()
+    out, report = finish_label(moved, affine, 0.1)
+    assert not (out == 8).any() and "L3-L4" in report["missing"] and report["consistent"] is False
+    assert set(report["lateral_removed_ml"]) == {"L3-L4"}
+    assert any("L3-L4 removed" in m for m in report["messages"])
+    np.testing.assert_array_equal(out[moved != 8], kept[moved != 8])  # the rest as without the prior
 
 
 # (d) an extra vertebra above L1 is removed -----------------------------------------------

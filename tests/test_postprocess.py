@@ -211,3 +211,84 @@ def test_invalid_input_is_rejected():
         clean_label(np.zeros((4, 4, 4), np.uint8), (1.0, 1.0, 1.0), min_island_ml=-1)
     with pytest.raises(InvalidInput):
         structure_volumes_ml(np.zeros((4, 4, 4), np.uint8), 1.0)
+
+
+def _widened(case_id: str, width_mm: int = 101):
+    """A real reference (central sagittal slab) placed in the middle of a scan ``width_mm``
+    wide, as a clinical sagittal series is: (label, affine, first slab slice)."""
+    image = nib.load(str(DATA / "labels" / f"{case_id}.nii.gz"))
+    if nib.aff2axcodes(image.affine)[0] not in "LR":
+        pytest.fail(f"{case_id}: expected sagittal slices along axis 0")
+    label, _ = load(case_id)
+    width = int(round(width_mm / float(image.header.get_zooms()[0])))
+    wide = np.zeros((width,) + label.shape[1:], np.uint8)
+    first = (width - label.shape[0]) // 2
+    wide[first:first + label.shape[0]] = label
+    affine = image.affine.copy()
+    affine[:3, 3] -= affine[:3, 0] * first
+    return wide, affine, first
+
+
+def _paste(label: np.ndarray, value: int, source_slice: int, target_slice: int, part: np.ndarray) -> None:
+    """Copy the voxels of ``value`` within ``part`` of slice ``source_slice`` onto ``target_slice``."""
+    mask = (label[source_slice] == value) & part
+    assert mask.sum() > 50
+    label[target_slice][mask] = value
+
+
+def test_structures_far_from_the_midline_are_removed_and_the_spine_kept():
+    from lib.pipeline.postprocess import LATERAL_LIMIT_MM, restrict_to_midline
+
+    case_id = reliable_spider(1)[0]
+    label, affine, first = _widened(case_id)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    original = label.copy()
+    middle = first + (original[first:] > 0).any((1, 2)).nonzero()[0].mean().round().astype(int)
+    # the canal's anterior-posterior centre on each axial row of the mid slice (it follows the lordosis)
+    canal = original[middle] == CANAL
+    ap = np.arange(label.shape[2])[None, :]
+    with np.errstate(invalid="ignore"):
+        canal_ap = ((canal * ap).sum(1) / canal.sum(1))[:, None]  # NaN on rows without canal
+    # what the network paints on lateral slices: a disc and a vertebral body 45 mm left of the
+    # slab's middle, a canal piece 30 mm right; and a posterior-element piece 40 mm right, which
+    # is still anatomy (transverse processes). The margins allow for this canal's own drift:
+    # it runs about 10 mm obliquely across the slab from top to bottom.
+    left, right = middle - int(45 / spacing[0]), middle + int(30 / spacing[0])
+    far_right = middle + int(40 / spacing[0])
+    with np.errstate(invalid="ignore"):
+        anterior = np.sign(affine[1, 2]) * (ap - canal_ap) > 10 / spacing[2]
+        posterior = np.sign(affine[1, 2]) * (ap - canal_ap) < -5 / spacing[2]
+    everywhere = np.ones(label.shape[1:], bool)
+    _paste(label, DISCS[2], middle, left, everywhere)
+    _paste(label, VERTEBRAE[2], middle, left, anterior)
+    _paste(label, CANAL, middle, right, everywhere)
+    _paste(label, VERTEBRAE[3], middle, far_right, posterior)
+    painted = label != original
+
+    out, removed = restrict_to_midline(label, affine)
+
+    assert out.dtype == np.uint8 and out.shape == label.shape
+    assert (out[original > 0] == original[original > 0]).all(), "the spine itself lost voxels"
+    assert not out[left].any(), "the lateral disc and body survived"
+    assert not (out[right] == CANAL).any(), "the lateral canal piece survived"
+    assert (out[far_right] == label[far_right]).all(), "posterior elements 40 mm out are anatomy"
+    assert set(removed) == {NAMES[DISCS[2]], NAMES[VERTEBRAE[2]], NAMES[CANAL]}
+    voxel_ml = float(np.prod(spacing)) / 1000
+    assert removed[NAMES[CANAL]] == round(float((painted & (label == CANAL)).sum()) * voxel_ml, 3)
+    assert LATERAL_LIMIT_MM["canal"] < 20 < LATERAL_LIMIT_MM["disc"] < 40 < LATERAL_LIMIT_MM["posterior elements"]
+
+    # the same scan stored with its axes in another order gives the same answer
+    order = (2, 0, 1)
+    permuted_affine = np.eye(4)
+    permuted_affine[:3, :3] = affine[:3, :3][:, order]
+    permuted_affine[:3, 3] = affine[:3, 3]
+    permuted, _ = restrict_to_midline(np.transpose(label, order), permuted_affine)
+    assert (permuted == np.transpose(out, order)).all()
+
+
+def test_without_a_canal_nothing_is_removed():
+    from lib.pipeline.postprocess import restrict_to_midline
+
+    label, _ = load("fcs_VB2_06")  # 77 mm wide, bodies only: no canal drawn
+    out, removed = restrict_to_midline(label, nib.load(str(DATA / "labels" / "fcs_VB2_06.nii.gz")).affine)
+    assert removed == {} and (out == label).all() and out is not label

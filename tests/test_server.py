@@ -225,7 +225,9 @@ def test_infer_on_anisotropic_lps_nifti_keeps_shape_and_affine(site):
     assert set(values.tolist()) <= set(range(12))
     assert result["label_names"] == LABELS
     assert set(result["volumes_ml"]) == set(LABELS) - {"background"}
-    assert {"consistent", "missing", "messages"} <= set(result["levels"])
+    assert {"consistent", "missing", "messages", "lateral_removed_ml"} <= set(result["levels"])
+    removed = result["levels"]["lateral_removed_ml"]  # the midline prior's report
+    assert set(removed) <= set(LABELS) - {"background"} and all(v > 0 for v in removed.values())
     assert result["model_version"] == model_version(str(site["model_dir"] / "spine.pt"))
 
 

@@ -56,7 +56,7 @@ class SpinePostprocessd(MapTransform):
         pred = d[self.key]
         affine = np.asarray(pred.affine if hasattr(pred, "affine") else d[f"{self.key}_meta_dict"]["affine"])
         array = np.asarray(pred.cpu().numpy() if torch.is_tensor(pred) else pred).astype(np.uint8)
-        array, report = finish_label(array, affine, self.plan.min_island_ml)
+        array, report = finish_label(array, affine, self.plan.min_island_ml, self.plan.midline_prior)
         result = dict(d.get(self.result_key) or {})
         result["volumes_ml"] = structure_volumes_ml(array, np.linalg.norm(affine[:3, :3], axis=0))
         result["levels"] = report

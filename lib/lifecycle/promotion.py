@@ -58,7 +58,7 @@ def measure(weights: str, records: Sequence[Dict[str, Any]], plan: SpinePlan, de
             data = pre({"image": record["image"], "label": record["label"]})
             logits = inferer(data["image"][None].to(device), network)
             pred = decide(logits[0], plan.label_decision, dim=0).cpu().numpy().astype(np.uint8)
-            pred = finish_label(pred, np.asarray(data["image"].affine), plan.min_island_ml)[0]
+            pred = finish_label(pred, np.asarray(data["image"].affine), plan.min_island_ml, plan.midline_prior)[0]
             per_image.append(structure_dice(pred, data["label"][0].round().long()))
     mean, per_structure = summarise(torch.stack(per_image)) if per_image else (None, {})
     return {

@@ -56,8 +56,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from lib.pipeline.errors import InvalidInput
-from lib.pipeline.labels import CANAL, DISCS, NAMES, VERTEBRAE
-from lib.pipeline.postprocess import check_label_map, clean_label
+from lib.pipeline.labels import CANAL, DISCS, LABELS, NAMES, VERTEBRAE
+from lib.pipeline.postprocess import check_label_map, clean_label, restrict_to_midline
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -637,15 +637,34 @@ def recover_missing_discs(levelled: np.ndarray, pieces: np.ndarray, affine: np.n
     return out, report
 
 
-def finish_label(label: np.ndarray, affine: np.ndarray, min_island_ml: float) -> Tuple[np.ndarray, dict]:
+def finish_label(label: np.ndarray, affine: np.ndarray, min_island_ml: float,
+                 midline_prior: bool = True) -> Tuple[np.ndarray, dict]:
     """What the user gets from a label decision: :func:`lib.pipeline.postprocess.clean_label`
     (speckle under ``min_island_ml`` removed, the largest piece of each disc label and of the
     canal kept), :func:`assign_levels`, then :func:`recover_missing_discs` from the pieces the
-    clean-up set aside. ``label`` (X, Y, Z) uint8 in
-    the grid of ``affine`` (voxel -> RAS mm); returns the label and the level report. One
-    chain for the infer task, the validation measurement behind promotion and checkpoint
-    choice, and the benchmark."""
+    clean-up set aside, and last, with ``midline_prior``,
+    :func:`lib.pipeline.postprocess.restrict_to_midline` (what lies too far left or right of the
+    spine's midline removed). ``label`` (X, Y, Z) uint8 in the grid of ``affine`` (voxel ->
+    RAS mm); returns the label and the level report, whose ``lateral_removed_ml`` says what the
+    midline prior removed, per structure. One chain for the infer task, the validation
+    measurement behind promotion and checkpoint choice, and the benchmark.
+
+    The prior comes after the level assignment on purpose: it only takes away voxels, and
+    the levels stay those that the whole prediction supports (run before, on the scans of
+    other sites, it moved level decisions both ways; model card, *Limits*)."""
     spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
     pieces = clean_label(label, spacing, min_island_ml, single_component=(CANAL,))
     levelled, report = assign_levels(clean_label(pieces, spacing, min_island_ml), affine)
-    return recover_missing_discs(levelled, pieces, affine, report)
+    levelled, report = recover_missing_discs(levelled, pieces, affine, report)
+    removed: Dict[str, float] = {}
+    if midline_prior:
+        levelled, removed = restrict_to_midline(levelled, affine)
+        gone = [name for name in report["present"] if name in removed and not (levelled == LABELS[name]).any()]
+        if gone:
+            report["present"] = [name for name in report["present"] if name not in gone]
+            report["missing"] = report["missing"] + gone
+            report["consistent"] = False
+            report["messages"] = [m for m in report["messages"] if not m.startswith("L1-L5 and the 5")] + [
+                f"{', '.join(gone)} removed: found only further from the spine's midline than anatomy allows"]
+    report["lateral_removed_ml"] = removed
+    return levelled, report

@@ -88,6 +88,9 @@ class SpinePlan:
     # recipe's weights kind_first merged the vertebrae into one column (see model/README.md)
     label_decision: str = "argmax"
     min_island_ml: float = 0.1  # pieces smaller than this are noise
+    # structures further left or right of the spine's midline than anatomy allows are removed
+    # (lib/pipeline/postprocess.py restrict_to_midline): the network has seen no lateral slice
+    midline_prior: bool = True
     # --- training ------------------------------------------------------------------
     max_epochs: int = 300
     val_interval: int = 5

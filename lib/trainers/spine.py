@@ -249,5 +249,6 @@ def _label_post_transforms(plan: SpinePlan, finish: bool = False) -> List[Any]:
 
 def _finished(pred: torch.Tensor, plan: SpinePlan) -> torch.Tensor:
     """``pred`` (1, X, Y, Z) MetaTensor in model space -> the same after :func:`finish_label`."""
-    label, _ = finish_label(pred[0].cpu().numpy().astype(np.uint8), np.asarray(pred.affine), plan.min_island_ml)
+    label, _ = finish_label(pred[0].cpu().numpy().astype(np.uint8), np.asarray(pred.affine), plan.min_island_ml,
+                            plan.midline_prior)
     return torch.as_tensor(label, dtype=torch.long)[None]
