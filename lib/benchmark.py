@@ -145,11 +145,13 @@ def full_fov_grid(affine: np.ndarray, source_shape, shape=(512, 512, 15), spacin
 
 
 def make_full_fov_scan(source: Path, dest: Path, shape=(512, 512, 15), spacing=(0.6, 0.6, 4.0),
-                       order: int = 1) -> Path:
+                       order: int = 1, thick: bool = False) -> Path:
     """Resample ``source`` onto the full-FOV grid (:func:`full_fov_grid`).
 
     ``order`` 1 (a scan): trilinear, int16 like the MR it came from; ``order`` 0 (its label
-    map): nearest neighbour, uint8. 0 outside the source's field of view.
+    map): nearest neighbour, uint8. 0 outside the source's field of view. ``thick`` (a scan
+    only): each slice is as thick as the slice distance (a box average of the source across
+    it, as an MR slice integrates over its thickness) instead of a thin sample.
     """
     import nibabel as nib
     from scipy import ndimage
@@ -160,6 +162,14 @@ def make_full_fov_scan(source: Path, dest: Path, shape=(512, 512, 15), spacing=(
         return dest
     data, affine = read_volume(source)
     target = full_fov_grid(affine, data.shape, shape, spacing)
+    if thick and order:
+        # the source axis that runs along the slices' normal (the grid's third axis)
+        normal = target[:3, 2] / np.linalg.norm(target[:3, 2])
+        source_axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+        axis = int(np.argmax(np.abs(normal @ source_axes)))
+        width = spacing[2] / float(np.linalg.norm(affine[:3, axis]))
+        if width > 1:
+            data = ndimage.uniform_filter1d(data.astype(np.float32), int(round(width)), axis=axis, mode="nearest")
     voxels = np.indices(shape, dtype=np.float32).reshape(3, -1)
     to_source = np.linalg.inv(affine) @ target
     coords = to_source[:3, :3] @ voxels + to_source[:3, 3:4]

@@ -1,7 +1,11 @@
 """Evaluate lumbar spine segmentations against reference masks: per case, per structure, per level.
 
     python -m lib.evaluate --images DIR --labels DIR (--model FILE | --predictions DIR) --out DIR
-                           [--manifest FILE] [--cases ID ...] [--conf KEY VALUE ...]
+                           [--manifest FILE] [--cases ID ...] [--conf KEY VALUE ...] [--slice-mm MM]
+
+``--slice-mm 4`` evaluates each scan as a clinical sagittal series of the same anatomy would
+give it: scan and reference resampled onto sagittal slices MM mm apart and thick, 0.6 mm in-plane
+(:func:`as_sagittal_series`), scored on that grid.
 
 What is measured (per case and per structure: L1..L5, the five discs L1-L2..L5-S1, the canal;
 values and names come from :mod:`lib.pipeline.labels`):
@@ -774,6 +778,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
     manifest_path = Path(args.manifest) if args.manifest else find_manifest(labels_dir)
     manifest = load_manifest(manifest_path)
     out.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "slice_mm", None) is not None:
+        if args.predictions:
+            raise EvaluationError("--slice-mm needs --model: the predictions are made on the resampled series")
+        images, labels = as_sagittal_series(images, labels, out / f"series_{args.slice_mm:g}mm", args.slice_mm)
 
     predictions: Dict[str, Path] = {}
     segmenter = None
@@ -856,6 +864,32 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
     return summary
 
 
+def as_sagittal_series(images: Path, labels: Dict[str, Path], dest: Path,
+                       slice_mm: float) -> Tuple[Path, Dict[str, Path]]:
+    """Each case's scan and reference resampled as a clinical sagittal series: slices
+    ``slice_mm`` apart and as thick, covering the scan's left-right extent, 0.6 mm in-plane
+    over 307 mm (the benchmark's full-FOV grid, :func:`lib.benchmark.make_full_fov_scan`:
+    scan box-averaged across each slice's thickness then trilinear, reference nearest
+    neighbour), into ``dest/images`` and ``dest/labels``. Returns the new
+    images folder and ``{case: reference path}``."""
+    from lib.benchmark import make_full_fov_scan
+
+    if slice_mm <= 0:
+        raise EvaluationError(f"--slice-mm must be positive, got {slice_mm}")
+    series: Dict[str, Path] = {}
+    for cid, label_path in labels.items():
+        source = find_image(images, cid)
+        if source is None:
+            raise EvaluationError(f"no image in {images} for case {cid}")
+        reference, affine = read_volume(label_path)  # the scan's grid
+        axis = sagittal_axis(affine)
+        width_mm = reference.shape[axis] * float(voxel_spacing(affine)[axis])
+        grid = {"shape": (512, 512, max(3, int(math.ceil(width_mm / slice_mm)))), "spacing": (0.6, 0.6, slice_mm)}
+        make_full_fov_scan(source, dest / "images" / f"{cid}.nii.gz", thick=True, **grid)
+        series[cid] = make_full_fov_scan(label_path, dest / "labels" / f"{cid}.nii.gz", order=0, **grid)
+    return dest / "images", series
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lib.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--images", required=True, help="folder of scans <id>.nii.gz (also .nii, .nrrd, .mha)")
@@ -870,6 +904,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="plan override for --model, as on the server (e.g. --conf preset tiny)")
     parser.add_argument("--device", default=None, help="cuda or cpu for --model (default: cuda when present)")
+    parser.add_argument("--slice-mm", type=float, default=None, metavar="MM",
+                        help="with --model: evaluate on each scan resampled as a clinical sagittal series "
+                             "of MM mm slices (0.6 mm in-plane), the reference likewise")
     return parser
 
 

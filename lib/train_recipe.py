@@ -65,7 +65,7 @@ from lib.pipeline.labels import IGNORE_VALUE
 from lib.pipeline.losses import COMPLETE, Annotation, marginal_cross_entropy
 from lib.pipeline.networks import SagittalSlabNetwork, build_network, load_weights, select_device
 from lib.pipeline.plans import SpinePlan
-from lib.pipeline.transforms import intensity_augmentation, load_and_resample
+from lib.pipeline.transforms import intensity_augmentation, load_and_resample, thick_slice_slab
 
 SPIDER_PREFIX = "spider_"
 #: reliable SPIDER scans held out for validation (the dev validation split of the model card)
@@ -118,6 +118,10 @@ class SlabSampler:
     window's edge, zeros beyond the scan (what MONAI's sliding window pads with). Without such
     views the network's answer depends on where its window falls (the benchmark's stock
     pipeline on a full-field-of-view scan: see the README's *Speed*).
+    With probability ``thick_slice_fraction`` the slab is made as a thick-slice clinical series
+    of the same anatomy would give it (slices ``thick_slice_mm`` apart and as thick, resampled
+    back to the plan's spacing: :func:`lib.pipeline.transforms.thick_slice_slab`); the label
+    stays the true anatomy of the centre slice.
     Left-right flip reverses the neighbour order (never superior-inferior: that defines the
     levels); then the declarative 2D augmentation: affine, and the intensity augmentation
     shared with the server's train task (:func:`lib.pipeline.transforms.intensity_augmentation`).
@@ -126,11 +130,16 @@ class SlabSampler:
     def __init__(self, volumes: List[Dict[str, np.ndarray]], plan: SpinePlan, rng: np.random.Generator,
                  jitter_mm: Tuple[float, float] = (30.0, 50.0), spine_weight: float = 10.0,
                  annotations: List[Annotation] | None = None, partial_fraction: float = 0.25,
-                 offcentre_fraction: float = 0.0, min_overlap_mm: float = 40.0):
-        if not 0 <= offcentre_fraction <= 1:
-            raise ValueError(f"offcentre_fraction must lie in [0, 1], got {offcentre_fraction}")
+                 offcentre_fraction: float = 0.0, min_overlap_mm: float = 40.0,
+                 thick_slice_fraction: float = 0.0, thick_slice_mm: Tuple[float, float] = (3.0, 5.0)):
+        for name, value in (("offcentre_fraction", offcentre_fraction), ("thick_slice_fraction", thick_slice_fraction)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
         self.plan, self.rng = plan, rng
         self.offcentre_fraction = offcentre_fraction
+        self.thick_slice_fraction = thick_slice_fraction
+        # slice distance (= thickness) in model slices along the sagittal axis
+        self.thick_slice_factor = tuple(mm / plan.target_spacing[0] for mm in thick_slice_mm)
         self.annotations = list(annotations or [COMPLETE] * len(volumes))
         self.roi = tuple(plan.train_roi_size[1:])
         self.k = plan.slab_size // 2
@@ -170,7 +179,11 @@ class SlabSampler:
         xs = np.clip(np.arange(x - self.k, x + self.k + 1), 0, image.shape[0] - 1)
         lo = self.window_origin(v)
         window = tuple(slice(a, a + r) for a, r in zip(lo, self.roi))
-        slab = image[(xs,) + window]
+        if self.rng.random() < self.thick_slice_fraction:
+            factor = self.rng.uniform(*self.thick_slice_factor)
+            slab = thick_slice_slab(image, x, self.k, window, factor, self.rng.uniform(0, factor))
+        else:
+            slab = image[(xs,) + window]
         if self.rng.random() < 0.5:
             slab = slab[::-1]
         d = self.augment({"image": torch.from_numpy(np.ascontiguousarray(slab)),
@@ -327,6 +340,9 @@ def main(argv=None) -> None:
     parser.add_argument("--offcentre-fraction", type=float, default=0.0,
                         help="share of windows placed anywhere over the spine, as a sliding grid places "
                              "them, instead of centred on it (run F: 0.5; see the model card)")
+    parser.add_argument("--thick-slice-fraction", type=float, default=0.0,
+                        help="share of slabs made as a 3-5 mm thick-slice clinical series would give them "
+                             "(run G: 0.4; see the model card)")
     parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     parser.add_argument("--publish", type=Path, metavar="MODEL_DIR",
                         help="copy the best weights so far into MODEL_DIR as its serving model, then stop")
@@ -394,7 +410,8 @@ def main(argv=None) -> None:
     seed = args.seed + step + 1_000_003 * rank
     set_determinism(seed=seed)
     sampler = SlabSampler(volumes, plan, np.random.default_rng(seed), annotations=annotations,
-                          partial_fraction=args.partial_fraction, offcentre_fraction=args.offcentre_fraction)
+                          partial_fraction=args.partial_fraction, offcentre_fraction=args.offcentre_fraction,
+                          thick_slice_fraction=args.thick_slice_fraction)
     deadline = time.time() + args.hours * 3600
     window_loss, window_start = [], time.time()
     while step < args.steps and not out_of_time(deadline, world, device):

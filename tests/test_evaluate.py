@@ -300,3 +300,30 @@ def test_cropped_metrics_equal_monai_on_the_whole_volume(spider):
         assert row["assd_mm"] == pytest.approx(float(compute_average_surface_distance(
             p, r, include_background=True, symmetric=True, spacing=spacing)), abs=1e-5)
         assert 0 < row["dice"] < 1 and row["hd95_mm"] > 0
+
+
+def test_command_line_as_a_thick_slice_series(small, tmp_path, capsys):
+    """``--slice-mm 4``: scan and reference resampled as a clinical series of 4 mm slices
+    (covering the scan's width, 0.6 mm in-plane), the prediction made and scored on that grid,
+    every reference structure still there."""
+    root, case, ref, affine = small
+    weights = tmp_path / "tiny.pt"
+    torch.save(build_network(SpinePlan.from_conf({"preset": "tiny"})).state_dict(), weights)
+    out = tmp_path / "out"
+    argv = ["--images", str(root / "images"), "--labels", str(root / "labels"), "--model", str(weights),
+            "--conf", "preset", "tiny", "--device", "cpu", "--slice-mm", "4"]
+    assert main(argv + ["--out", str(out)]) == 0
+    series = nib.load(out / "series_4mm" / "labels" / f"{case}.nii.gz")
+    width_mm = ref.shape[0] * np.linalg.norm(affine[:3, 0])  # the small scans: sagittal slices on axis 0
+    assert nib.aff2axcodes(affine)[0] in "LR"
+    assert np.allclose(series.header.get_zooms(), (0.6, 0.6, 4.0), atol=1e-4)
+    assert series.shape == (512, 512, max(3, int(np.ceil(width_mm / 4))))
+    assert set(np.unique(np.asarray(series.dataobj))) - {0, 255} == set(np.unique(ref)) - {0, 255}
+    image = nib.load(out / "series_4mm" / "images" / f"{case}.nii.gz")
+    assert image.shape == series.shape and np.allclose(image.affine, series.affine)
+    pred = nib.load(out / "predictions" / f"{case}_seg.nii.gz")
+    assert pred.shape == series.shape and np.allclose(pred.affine, series.affine, atol=1e-3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cases"][0]["level_total"] == 10
+    assert main(argv[:-1] + ["0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--slice-mm must be positive" in capsys.readouterr().err
