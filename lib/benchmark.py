@@ -163,10 +163,8 @@ def make_full_fov_scan(source: Path, dest: Path, shape=(512, 512, 15), spacing=(
     data, affine = read_volume(source)
     target = full_fov_grid(affine, data.shape, shape, spacing)
     if thick and order:
-        # the source axis that runs along the slices' normal (the grid's third axis)
-        normal = target[:3, 2] / np.linalg.norm(target[:3, 2])
-        source_axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
-        axis = int(np.argmax(np.abs(normal @ source_axes)))
+        # the grid's slices are sagittal: average across the source's left-right axis
+        axis = next(i for i, c in enumerate(nib.aff2axcodes(affine)) if c in "LR")
         width = spacing[2] / float(np.linalg.norm(affine[:3, axis]))
         if width > 1:
             data = ndimage.uniform_filter1d(data.astype(np.float32), int(round(width)), axis=axis, mode="nearest")

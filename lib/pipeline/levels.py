@@ -650,8 +650,7 @@ def finish_label(label: np.ndarray, affine: np.ndarray, min_island_ml: float,
     measurement behind promotion and checkpoint choice, and the benchmark.
 
     The prior comes after the level assignment on purpose: it only takes away voxels, and
-    the levels stay those that the whole prediction supports (run before, on the scans of
-    other sites, it moved level decisions both ways; model card, *Limits*)."""
+    the levels stay those that the whole prediction supports."""
     spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
     pieces = clean_label(label, spacing, min_island_ml, single_component=(CANAL,))
     levelled, report = assign_levels(clean_label(pieces, spacing, min_island_ml), affine)

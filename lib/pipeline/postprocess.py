@@ -22,7 +22,7 @@ What :func:`restrict_to_midline` enforces, and why: a structure lies within an a
 distance of the spine's midline (left-right), found from the predicted canal. The starter
 network learnt from central sagittal slabs 13-30 mm wide and has never seen a lateral slice
 (psoas, kidneys, ribs); on a scan 60-80 mm wide it paints vertebrae, discs and canal on every
-slice (measured on the development scans of other sites: model card, *Limits*).
+slice (measured on the development scans of other sites: model card, *The midline prior*).
 
 Connectivity is the full 26-neighbourhood (3x3x3), the usual choice for "same object".
 Everything is vectorised: each structure is labelled once, inside its bounding box.
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Dict, Sequence, Tuple
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -159,10 +160,8 @@ def clean_label(label: np.ndarray, spacing_mm: Sequence[float], min_island_ml: f
 
 def _axes(affine: np.ndarray) -> Tuple[int, int, int]:
     """Array axes (left-right, anterior-posterior, superior-inferior) of a voxel -> RAS affine."""
-    directions = np.abs(np.asarray(affine, dtype=float)[:3, :3])
-    lr = int(np.argmax(directions[0]))
-    si = int(np.argmax(np.where(np.arange(3) == lr, -1, directions[2])))
-    return lr, 3 - lr - si, si
+    codes = nib.aff2axcodes(affine)
+    return tuple(next(i for i, c in enumerate(codes) if c in pair) for pair in ("LR", "AP", "SI"))
 
 
 def _odd(n: float) -> int:
@@ -199,16 +198,16 @@ def restrict_to_midline(label: np.ndarray, affine: np.ndarray,
         limits_mm: half-widths in mm, keys as :data:`LATERAL_LIMIT_MM`: the canal, the discs,
             the vertebrae anterior to the canal's centre (bodies) and at or behind it (arches).
 
-    The midline is, for each axial plane, the left-right position where the canal is
-    largest after a box mean over :data:`MIDLINE_SMOOTHING_MM` cranio-caudally (a stray
-    lateral canal blob does not outweigh the tube), taken only from planes where the canal
-    is compact around that peak (:data:`MIN_CANAL_CONCENTRATION`; elsewhere the network
-    painted canal across the slices, and those planes take the midline of the nearest
-    compact ones), then a robust polynomial through the canal's centre around each of those
-    planes' peaks (:func:`_fit_midline`):
-    a compact blob far from the tube, at the scan's top or bottom, does not pull the midline. The canal's
-    anterior-posterior centre in the midline band is found the same way and splits the
-    vertebrae into body and posterior elements.
+    The midline: per axial plane, the canal area along left-right after a box mean over
+    :data:`MIDLINE_SMOOTHING_MM` cranio-caudally (a stray lateral canal blob does not
+    outweigh the tube), and the centre of that area within the canal's half-width of its
+    peak; only planes where the canal is compact around the peak count
+    (:data:`MIN_CANAL_CONCENTRATION`; elsewhere the network painted canal across the
+    slices). A robust polynomial through those centres (:func:`_fit_midline`) gives the
+    midline of every plane, so a compact blob far from the tube, at the scan's top or
+    bottom, does not pull it. The canal's anterior-posterior centre within the midline band
+    (median-filtered over the same window) splits the vertebrae into bodies (anterior) and
+    posterior elements.
 
     Returns a new uint8 array (unchanged where the canal is under :data:`MIN_CANAL_ML`) and
     the volume removed per structure name in mL (only structures that lost voxels).
