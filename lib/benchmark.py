@@ -1,7 +1,8 @@
 """Speed, memory and agreement of the app's infer path against a stock MONAI pipeline.
 
     python -m lib.benchmark [--model FILE] [--threads 2] [--scans FILE ...] [--fov-source FILE]
-                            [--score-scans FILE ...] [--skip-scoring] [--conf KEY VALUE ...]
+                            [--shift-scans FILE ...] [--score-scans FILE ...]
+                            [--skip-infer] [--skip-shifts] [--skip-scoring] [--conf KEY VALUE ...]
 
 In one process, with the same weights, on the same real scans:
 
@@ -41,6 +42,13 @@ scoring runs them), by the same with other dropout masks (the Monte-Carlo noise:
 agreement any cheaper computation can show) and by the ``fast`` one (coarse grid, fitted
 windows, samples batched), with the cost of each in CPU seconds and the Spearman
 correlation of each ranking of the scans with the reference's.
+
+Window dependence: the agreement any fast path can reach that places its windows otherwise
+than another pipeline. Per ``--shift-scans`` scan (default: the full-FOV scan and the model
+card's 6 validation scans), the app's label on the model grid (its pre-processing, sliding
+window, label decision, clean-up and level assignment) with the scan where the app's window
+puts it, against the same with the window moved over the anatomy by each of
+:data:`WINDOW_SHIFTS_MM` (zeros around the scan, as MONAI's sliding window pads it).
 
 The last line reads ``speedup <stock/app warm, full-FOV scan> agreement <dice>``. ``--out``
 gets ``results.json`` and, per scan, ``agreement_<scan>.png``: the mid-sagittal slice with the
@@ -84,6 +92,15 @@ APP_STEPS: Dict[str, Dict[str, str]] = {
     "app without fused attention": {"fused_attention": "false"},
     "app with one window per pass": {"sw_batch_size": "1"},
     "app without body crop": {"crop_to_body": "false"},
+}
+#: where the window is moved over the anatomy (posterior, inferior: mm) from where the app puts
+#: it, for :func:`window_shift_agreement`: within what the training's jitter (30 mm AP, 50 mm
+#: SI) showed the network; the stock grid lies 26-75 mm from the app's window on the full-FOV scan
+WINDOW_SHIFTS_MM: Dict[str, Tuple[float, float]] = {
+    "posterior 20 mm": (20.0, 0.0),
+    "posterior 40 mm": (40.0, 0.0),
+    "inferior 40 mm": (0.0, 40.0),
+    "posterior 20, inferior 40 mm": (20.0, 40.0),
 }
 #: ... and for the 3D network only
 APP_STEPS_3D: Dict[str, Dict[str, str]] = {
@@ -244,6 +261,81 @@ class StockPipeline:
         return decide(torch.as_tensor(data["pred"]), self.plan.label_decision).numpy().astype(np.uint8)
 
 
+# --- window dependence ------------------------------------------------------------------
+def place_in_window(volume: torch.Tensor, roi: Sequence[int], offset: Sequence[int]) -> Tuple[torch.Tensor, Tuple[slice, ...]]:
+    """``volume`` (N, C, X, Y, Z) placed ``offset`` voxels (>= 0, per spatial axis) into a zero
+    canvas at least ``roi`` large (-1: the volume's own size): (canvas, the volume's slices in
+    it). Offset 0 on an axis where the volume is smaller than the window puts it where MONAI's
+    sliding window pads it (centred); a larger offset moves the window posterior/inferior over it
+    in RAS (the window starts at the canvas's first voxel)."""
+    size = np.array(volume.shape[2:])
+    roi = np.array([s if r <= 0 else r for r, s in zip(roi, size)])
+    before = np.maximum(roi - size, 0) // 2 + np.asarray(offset, dtype=int)
+    canvas_size = np.maximum(size + before, roi)
+    canvas = volume.new_zeros(volume.shape[:2] + tuple(int(c) for c in canvas_size))
+    inside = tuple(slice(int(b), int(b + n)) for b, n in zip(before, size))
+    canvas[(Ellipsis,) + inside] = volume
+    return canvas, inside
+
+
+def window_shift_agreement(scan: Path, network: torch.nn.Module, plan: SpinePlan,
+                           shifts: Dict[str, Tuple[float, float]] = WINDOW_SHIFTS_MM) -> Dict[str, Dict[str, float]]:
+    """:func:`agreement_report` of the app's label of ``scan`` with its window where the app puts
+    it, against the same with the window moved by each of ``shifts`` ((posterior, inferior)
+    mm); labels on the model grid after the app's clean-up and level assignment. A pipeline
+    that places its windows otherwise than another cannot agree with it better than this."""
+    from monai.inferers import SlidingWindowInferer
+    from monai.transforms import Compose
+
+    from lib.pipeline.levels import finish_label
+    from lib.pipeline.transforms import infer_pre_transforms
+
+    image = Compose(infer_pre_transforms(plan))({"image": str(scan)})["image"]
+    affine = np.asarray(image.affine)
+    volume = image.as_tensor()[None].float()
+    inferer = SlidingWindowInferer(plan.roi_size, sw_batch_size=plan.sw_batch_size, overlap=plan.sw_overlap,
+                                   mode="gaussian")
+    step = np.asarray(plan.target_spacing[1:])
+
+    def label(shift_mm: Tuple[float, float]) -> np.ndarray:
+        offset = (0, *np.round(np.asarray(shift_mm) / step).astype(int))
+        canvas, inside = place_in_window(volume, plan.roi_size, offset)
+        with torch.no_grad():
+            logits = inferer(canvas, network)[0][(slice(None),) + inside]
+        decided = decide(logits, plan.label_decision).numpy().astype(np.uint8)
+        return finish_label(decided, affine, plan.min_island_ml, plan.midline_prior)[0]
+
+    where_the_app_puts_it = label((0.0, 0.0))
+    return {name: agreement_report(label(shift), where_the_app_puts_it) for name, shift in shifts.items()}
+
+
+def benchmark_window_shifts(scans: Sequence[Path], model_path: str, conf: Dict[str, str], log=print) -> Dict[str, Any]:
+    """:func:`window_shift_agreement` per scan, and over all scans and shifts the median and the
+    smallest of the mean agreements."""
+    plan = SpinePlan.from_conf(conf)
+    network = load_network(plan, model_path)
+    rows: Dict[str, Any] = {}
+    for scan in scans:
+        rows[scan.name] = window_shift_agreement(scan, network, plan)
+        log(f"{scan.name}: window moved, agreement with the app's own placement: " + "; ".join(
+            f"{name} {a['mean']:.4f} (canal {a['canal']:.4f}, foreground {a['foreground']:.4f})"
+            for name, a in rows[scan.name].items()))
+    means = [a["mean"] for row in rows.values() for a in row.values()]
+    summary = {"scans": rows, "median": float(np.median(means)), "min": float(np.min(means))}
+    log(f"window dependence: {len(rows)} scans x {len(WINDOW_SHIFTS_MM)} shifts, agreement median "
+        f"{summary['median']:.4f}, smallest {summary['min']:.4f}")
+    return summary
+
+
+def default_shift_scans() -> List[Path]:
+    """The model card's validation scans (never trained on), where present."""
+    from lib.train_recipe import VAL_COUNT, choose_cases
+
+    if not (SHARED_DATA / "manifest.json").is_file():
+        return []
+    return [SHARED_DATA / "images" / f"{case}.nii.gz" for case in choose_cases(SHARED_DATA, VAL_COUNT)[1]]
+
+
 # --- the run ----------------------------------------------------------------------------
 def benchmark_infer(scans: Sequence[Path], model_path: str, conf: Dict[str, str], log=print,
                     figures: Optional[Path] = None,
@@ -364,6 +456,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--score-scans", nargs="*", type=Path, default=None)
     parser.add_argument("--skip-scoring", action="store_true")
     parser.add_argument("--skip-infer", action="store_true")
+    parser.add_argument("--shift-scans", nargs="*", type=Path, default=None,
+                        help="scans for the window dependence (default: the full-FOV scan, unless --skip-infer, and the 6 validation scans)")
+    parser.add_argument("--skip-shifts", action="store_true")
     parser.add_argument("--out", type=Path, default=WORK_DIR, help="folder for the generated scan and results.json")
     parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     args = parser.parse_args(argv)
@@ -410,6 +505,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         scans += args.scans if args.scans is not None else sorted(SAMPLE_DATA.glob("spider_*.nii.gz"))
         args.out.mkdir(parents=True, exist_ok=True)
         results["infer"] = benchmark_infer(scans, model_path, conf, figures=args.out, references=references)
+    if not args.skip_shifts:
+        shift_scans = args.shift_scans if args.shift_scans is not None else ([fov] if fov else []) + default_shift_scans()
+        if shift_scans:
+            results["window_shifts"] = benchmark_window_shifts(shift_scans, model_path, conf)
     if not args.skip_scoring:
         score_scans = args.score_scans if args.score_scans is not None else default_score_scans()
         if len(score_scans) >= 3:

@@ -205,12 +205,12 @@ def test_benchmark_runs_end_to_end_on_real_scans(tmp_path, capsys):
     (The full-FOV scan is left out for time; ``test_full_fov_scan_geometry`` covers it.)"""
     from conftest import reliable_spider_ids, small_scan
 
-    from lib.benchmark import SCORING_VARIANTS, main
+    from lib.benchmark import SCORING_VARIANTS, WINDOW_SHIFTS_MM, main
 
     scans = [small_scan(case, tmp_path / "scans")[0] for case in reliable_spider_ids()[:3]]
     out = tmp_path / "bench"
     main(["--fov-source", "", "--scans", str(scans[1]), "--score-scans", *map(str, scans),
-          "--out", str(out), "--conf", "preset", "tiny"])
+          "--shift-scans", str(scans[0]), "--out", str(out), "--conf", "preset", "tiny"])
     lines = capsys.readouterr().out.strip().splitlines()
     speedup, agreement = lines[-1].split()[1::2]
     assert lines[-1].startswith("speedup ") and float(speedup) > 0 and 0 <= float(agreement) <= 1
@@ -220,8 +220,59 @@ def test_benchmark_runs_end_to_end_on_real_scans(tmp_path, capsys):
         assert row["app_s"] > 0 and row["stock_s"] > 0 and row["app_peak_mb"] > 0
         assert set(row["steps"]) >= {"app without fused attention", "app with one window per pass"}
         assert Path(row["figure"]).stat().st_size > 10_000  # the two outputs drawn, app contours over stock
+    shifts = results["window_shifts"]
+    assert list(shifts["scans"]) == [scans[0].name] and set(shifts["scans"][scans[0].name]) == set(WINDOW_SHIFTS_MM)
+    assert 0 <= shifts["min"] <= shifts["median"] <= 1
     scoring = results["scoring"]
     assert len(scoring["scans"]) == 3
     for variant in SCORING_VARIANTS:
         assert -1 <= scoring[variant]["spearman"] <= 1 and scoring[variant]["cost_ratio"] > 0
         assert all(row[variant] > 0 for row in scoring["scans"].values())
+
+
+@pytest.mark.parametrize("roi, offset, before", [
+    ((-1, 32, 64), (0, 0, 0), (0, 1, 12)),   # smaller than the window: centred, as MONAI pads it
+    ((-1, 32, 64), (0, 10, 3), (0, 11, 15)),  # moved further in: the window falls posterior/inferior of it
+    ((4, 16, 16), (0, 5, 0), (0, 5, 0)),      # larger than the window: the offset alone
+])
+def test_place_in_window_puts_the_scan_at_its_offset_inside_a_zero_canvas(roi, offset, before):
+    from lib.benchmark import place_in_window
+
+    volume = torch.rand(1, 1, 5, 30, 40) + 1
+    canvas, inside = place_in_window(volume, roi, offset)
+    assert [s.start for s in inside] == list(before) and [s.stop - s.start for s in inside] == [5, 30, 40]
+    assert all(c >= r for c, r in zip(canvas.shape[2:], roi))
+    assert torch.equal(canvas[(Ellipsis,) + inside], volume)
+    assert canvas.sum() == pytest.approx(volume.sum().item(), rel=1e-6)  # zeros everywhere else
+
+
+class _IntensityBins(torch.nn.Module):
+    """A 'network' whose logits at a voxel depend on that voxel's intensity only, plus, with
+    ``ramp``, on where the voxel lies in its window (what a window-dependent network does)."""
+
+    def __init__(self, ramp: float = 0.0):
+        super().__init__()
+        self.ramp = ramp
+
+    def forward(self, x):  # (B, 1, X, Y, Z) -> (B, NUM_CLASSES, X, Y, Z)
+        centres = torch.linspace(0, 1, NUM_CLASSES).view(1, -1, 1, 1, 1)
+        logits = -((x - centres) ** 2) * 50
+        position = torch.linspace(0, 1, x.shape[3]).view(1, 1, 1, -1, 1)
+        return logits + self.ramp * position * torch.arange(NUM_CLASSES).view(1, -1, 1, 1, 1)
+
+
+def test_window_shift_agreement_moves_the_window_and_compares_like_with_like(tmp_path):
+    """A network that does not care where its window falls agrees exactly under every shift;
+    one whose answer depends on the position in the window does not."""
+    from conftest import reliable_spider_ids, small_scan
+
+    from lib.benchmark import window_shift_agreement
+
+    scan = small_scan(reliable_spider_ids()[0], tmp_path)[0]
+    plan = SpinePlan.from_conf(TINY)
+    shifts = {"none": (0.0, 0.0), "posterior 40 mm": (40.0, 0.0), "inferior 40 mm": (0.0, 40.0)}
+    invariant = window_shift_agreement(scan, _IntensityBins(), plan, shifts)
+    assert all(a == {"mean": 1.0, "canal": 1.0, "foreground": 1.0} for a in invariant.values()), invariant
+    dependent = window_shift_agreement(scan, _IntensityBins(ramp=2.0), plan, shifts)
+    assert dependent["none"]["mean"] == 1.0
+    assert dependent["posterior 40 mm"]["mean"] < 0.95, dependent
