@@ -94,8 +94,8 @@ APP_STEPS: Dict[str, Dict[str, str]] = {
     "app without body crop": {"crop_to_body": "false"},
 }
 #: where the window is moved over the anatomy (posterior, inferior: mm) from where the app puts
-#: it, for :func:`window_shift_agreement`: within what the training's jitter (30 mm AP, 50 mm
-#: SI) showed the network; the stock grid lies 26-75 mm from the app's window on the full-FOV scan
+#: it, for :func:`window_shift_agreement`: about the training's jitter (up to 30 mm AP, 50 mm
+#: SI); the stock grid lies 26-75 mm from the app's window on the full-FOV scan
 WINDOW_SHIFTS_MM: Dict[str, Tuple[float, float]] = {
     "posterior 20 mm": (20.0, 0.0),
     "posterior 40 mm": (40.0, 0.0),

@@ -43,6 +43,7 @@ The 3D plan (``--conf preset 3d``) is trained through the server's train task in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -61,7 +62,7 @@ from lib.evaluate import load_manifest, reliable_ids
 from lib.lifecycle.model_store import file_sha256, record_path, version_id, weights_path
 from lib.lifecycle.promotion import measure
 from lib.pipeline.io import atomic_copy, atomic_output, atomic_write_text
-from lib.pipeline.labels import IGNORE_VALUE
+from lib.pipeline.labels import DISCS, IGNORE_VALUE
 from lib.pipeline.losses import COMPLETE, Annotation, marginal_cross_entropy
 from lib.pipeline.networks import SagittalSlabNetwork, build_network, load_weights, select_device
 from lib.pipeline.plans import SpinePlan
@@ -122,6 +123,10 @@ class SlabSampler:
     of the same anatomy would give it (slices ``thick_slice_mm`` apart and as thick, resampled
     back to the plan's spacing: :func:`lib.pipeline.transforms.thick_slice_slab`); the label
     stays the true anatomy of the centre slice.
+    With ``levels_need_l5s1``, a window that does not hold the scan's whole L5-S1 disc (the
+    anchor the levels are counted from) teaches the kind of each structure but not its level
+    (:class:`lib.pipeline.losses.Annotation` ``levels_known``): without the sacrum in view, L4
+    and L5 look alike, and naming them anyway teaches the network to guess.
     Left-right flip reverses the neighbour order (never superior-inferior: that defines the
     levels); then the declarative 2D augmentation: affine, and the intensity augmentation
     shared with the server's train task (:func:`lib.pipeline.transforms.intensity_augmentation`).
@@ -131,13 +136,15 @@ class SlabSampler:
                  jitter_mm: Tuple[float, float] = (30.0, 50.0), spine_weight: float = 10.0,
                  annotations: List[Annotation] | None = None, partial_fraction: float = 0.25,
                  offcentre_fraction: float = 0.0, min_overlap_mm: float = 40.0,
-                 thick_slice_fraction: float = 0.0, thick_slice_mm: Tuple[float, float] = (3.0, 5.0)):
+                 thick_slice_fraction: float = 0.0, thick_slice_mm: Tuple[float, float] = (3.0, 5.0),
+                 levels_need_l5s1: bool = False):
         for name, value in (("offcentre_fraction", offcentre_fraction), ("thick_slice_fraction", thick_slice_fraction)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
         self.plan, self.rng = plan, rng
         self.offcentre_fraction = offcentre_fraction
         self.thick_slice_fraction = thick_slice_fraction
+        self.levels_need_l5s1 = levels_need_l5s1
         # slice distance (= thickness) in model slices along the sagittal axis
         self.thick_slice_factor = tuple(mm / plan.target_spacing[0] for mm in thick_slice_mm)
         self.annotations = list(annotations or [COMPLETE] * len(volumes))
@@ -145,7 +152,7 @@ class SlabSampler:
         self.k = plan.slab_size // 2
         self.jitter = [int(round(j / s)) for j, s in zip(jitter_mm, plan.target_spacing[1:])]
         self.min_overlap = [int(round(min_overlap_mm / s)) for s in plan.target_spacing[1:]]
-        self.volumes, self.centres, self.spine_boxes, slices, weights = [], [], [], [], []
+        self.volumes, self.centres, self.spine_boxes, self.anchor_boxes, slices, weights = [], [], [], [], [], []
         for v, vol in enumerate(volumes):
             image, label = vol["image"], vol["label"]
             # zero-pad in-plane by the ROI once: every window is then a plain slice of the array
@@ -156,6 +163,9 @@ class SlabSampler:
             lo, hi = fg.min(0), fg.max(0)
             self.centres.append(((lo[1:] + hi[1:]) // 2) + np.array(self.roi))
             self.spine_boxes.append((lo[1:] + np.array(self.roi), hi[1:] + np.array(self.roi)))  # padded coords
+            anchor = np.argwhere(label == DISCS[-1])  # the L5-S1 disc, where drawn
+            self.anchor_boxes.append((anchor.min(0)[1:] + np.array(self.roi), anchor.max(0)[1:] + np.array(self.roi))
+                                     if len(anchor) else None)
             for x in range(image.shape[0]):
                 slices.append((v, x))
                 weights.append(spine_weight if drawn[x].any() else 1.0)
@@ -188,8 +198,19 @@ class SlabSampler:
             slab = slab[::-1]
         d = self.augment({"image": torch.from_numpy(np.ascontiguousarray(slab)),
                           "label": torch.from_numpy(label[(slice(x, x + 1),) + window].astype(np.float32))})
+        annotation = self.annotations[v]
+        if self.levels_need_l5s1 and not self.shows_anchor(v, lo):
+            annotation = dataclasses.replace(annotation, levels_known=False)
         return {"image": torch.as_tensor(d["image"]).float(), "label": torch.as_tensor(d["label"]).round().long(),
-                "annotation": self.annotations[v]}
+                "annotation": annotation}
+
+    def shows_anchor(self, v: int, origin: np.ndarray) -> bool:
+        """Whether the window at ``origin`` (padded coordinates) holds volume ``v``'s whole L5-S1
+        disc (True where the volume has none drawn: nothing to judge by)."""
+        box = self.anchor_boxes[v]
+        if box is None:
+            return True
+        return bool(np.all(box[0] >= origin) and np.all(box[1] < origin + np.array(self.roi)))
 
     def window_origin(self, v: int) -> np.ndarray:
         """(Y, Z) first voxel of a window on volume ``v`` (padded coordinates): centred on the
@@ -340,6 +361,8 @@ def main(argv=None) -> None:
     parser.add_argument("--offcentre-fraction", type=float, default=0.0,
                         help="share of windows placed anywhere over the spine, as a sliding grid places "
                              "them, instead of centred on it (run F: 0.5; see the model card)")
+    parser.add_argument("--levels-need-l5s1", action="store_true",
+                        help="windows without the whole L5-S1 disc teach structure kinds, not levels")
     parser.add_argument("--thick-slice-fraction", type=float, default=0.0,
                         help="share of slabs made as a 3-5 mm thick-slice clinical series would give them "
                              "(run G: 0.4; see the model card)")
@@ -411,7 +434,7 @@ def main(argv=None) -> None:
     set_determinism(seed=seed)
     sampler = SlabSampler(volumes, plan, np.random.default_rng(seed), annotations=annotations,
                           partial_fraction=args.partial_fraction, offcentre_fraction=args.offcentre_fraction,
-                          thick_slice_fraction=args.thick_slice_fraction)
+                          thick_slice_fraction=args.thick_slice_fraction, levels_need_l5s1=args.levels_need_l5s1)
     deadline = time.time() + args.hours * 3600
     window_loss, window_start = [], time.time()
     while step < args.steps and not out_of_time(deadline, world, device):

@@ -19,7 +19,7 @@ import torch
 from conftest import REPO, shared_data
 from lib.lifecycle.model_store import file_sha256
 from lib.pipeline.errors import PlanMismatch
-from lib.pipeline.losses import Annotation, marginal_cross_entropy
+from lib.pipeline.losses import COMPLETE, Annotation, marginal_cross_entropy
 from lib.pipeline.networks import load_network
 from lib.pipeline.plans import SpinePlan
 from lib.train_recipe import SlabSampler, choose_cases, keep_log_until, learning_rate, preprocess
@@ -223,6 +223,46 @@ def test_marginal_loss_judges_only_what_a_mask_annotates():
     not_disc = p[[0, 1, 2, 3, 4, 5, 11]].sum(0)
     assert marginal_cross_entropy(logits, zeros, [discs]) == pytest.approx(float(-torch.log(not_disc).mean()), rel=1e-5)
     assert Annotation.from_manifest({"annotated_labels": [1, 2, 3, 4, 5], "vertebra_extent": "body_only"}) == bodies
+
+
+def test_without_its_levels_a_sample_teaches_the_kind_of_each_structure():
+    """``levels_known`` False: a drawn voxel costs -log p(its kind: any vertebra, any disc,
+    the canal); calling L3 "L2" then costs nothing, calling it a disc does; with levels known
+    it is the plain cross-entropy."""
+    import dataclasses
+
+    logits = torch.full((1, 12, 1, 3), -6.0)
+    logits[0, 2, 0, 0] = logits[0, 7, 0, 1] = logits[0, 11, 0, 2] = 6.0  # L2, L2-L3 disc, canal
+    labels = torch.tensor([[[[3, 3, 11]]]])  # drawn: L3, L3, canal
+    kinds_only = dataclasses.replace(COMPLETE, levels_known=False)
+    assert not kinds_only.complete
+    p = torch.softmax(logits, 1)[0, :, 0]
+    expected = -torch.log(torch.stack([p[1:6, 0].sum(), p[1:6, 1].sum(), p[11, 2]])).mean()
+    assert marginal_cross_entropy(logits, labels, [kinds_only]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(-torch.log(p[1:6, 0].sum())) < 1e-3 < float(-torch.log(p[1:6, 1].sum()))  # the level free, the kind not
+    assert marginal_cross_entropy(logits, labels, [COMPLETE]) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, labels[:, 0])), rel=1e-5)
+
+
+def test_windows_without_the_l5s1_disc_teach_kinds_not_levels(tmp_path):
+    """``levels_need_l5s1``: a window holding the scan's whole L5-S1 disc keeps the levels; one
+    that cuts it or misses it teaches kinds only; without the option every window keeps them."""
+    plan = SpinePlan.from_conf({"preset": "tiny", "train_patch": "64,96", "target_spacing": "2,3,3"})
+    train, _ = choose_cases(shared_data(), 6)
+    volumes = [preprocess(shared_data(), tmp_path, train[0], plan)]
+    sampler = SlabSampler(volumes, plan, np.random.default_rng(0), offcentre_fraction=0.5, min_overlap_mm=30,
+                          levels_need_l5s1=True)
+    lo, hi = sampler.anchor_boxes[0]
+    disc = np.argwhere(sampler.volumes[0][1] == 10)[:, 1:]
+    assert (disc.min(0) == lo).all() and (disc.max(0) == hi).all()
+    roi = np.array([64, 96])
+    assert sampler.shows_anchor(0, lo) == bool(((hi - lo) < roi).all())
+    assert not sampler.shows_anchor(0, hi)  # the window starts at the disc's far corner
+    known = [a.levels_known for a in (sampler.sample()["annotation"] for _ in range(200))]
+    assert 0 < sum(known) < len(known)
+    assert sampler.annotations[0].levels_known  # the scan's own annotation is left as it was
+    plain = SlabSampler(volumes, plan, np.random.default_rng(0), offcentre_fraction=0.5, min_overlap_mm=30)
+    assert all(plain.sample()["annotation"].levels_known for _ in range(50))
 
 
 def test_recipe_loss_ignores_255_and_is_diceCE_for_full_labels():

@@ -9,7 +9,11 @@ says what its annotation knows (the marginal cross-entropy of Shi et al., MedIA 
 - a voxel labelled 0 in a mask where 0 means "none of the annotated classes": ``-log`` of
   the summed probability of background and every class the mask does not annotate;
 - a voxel labelled 0 where that is not known (bodies only: 0 may be a posterior element of
-  an annotated vertebra): no loss.
+  an annotated vertebra): no loss;
+- a voxel labelled ``c`` in a sample whose levels are not known (a training window that does
+  not show the lumbar column's anchor, the L5-S1 disc on the sacrum): ``-log`` of the summed
+  probability of ``c``'s kind (every vertebra, every disc), so that it teaches the
+  structure but not its level.
 
 A fully annotated mask gives the ordinary cross-entropy.
 """
@@ -21,20 +25,22 @@ from typing import Iterable
 
 import torch
 
-from lib.pipeline.labels import NUM_CLASSES
+from lib.pipeline.labels import KIND_INDEX, NUM_CLASSES
 
 
 @dataclass(frozen=True)
 class Annotation:
-    """What a label mask annotates: ``classes`` (values 1..11 drawn wherever they are) and
-    whether its 0 means "none of them" (``zero_is_known``)."""
+    """What a label mask annotates: ``classes`` (values 1..11 drawn wherever they are),
+    whether its 0 means "none of them" (``zero_is_known``) and whether its values name the
+    levels or, for this sample, only the kinds of structure (``levels_known``)."""
 
     classes: frozenset
     zero_is_known: bool = True
+    levels_known: bool = True
 
     @property
     def complete(self) -> bool:
-        return self.zero_is_known and self.classes == COMPLETE.classes
+        return self.zero_is_known and self.levels_known and self.classes == COMPLETE.classes
 
     @classmethod
     def from_manifest(cls, case: dict) -> "Annotation":
@@ -67,6 +73,13 @@ def marginal_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, annotatio
     target = labels[:, 0]
     drawn = target > 0
     ce_drawn = -log_p.gather(1, target[:, None])[:, 0]
+    levels_known = torch.tensor([a.levels_known for a in annotations], device=logits.device)
+    if not levels_known.all():  # those samples: -log p(the drawn structure's kind)
+        kind_of_class = torch.tensor(KIND_INDEX, device=logits.device)
+        same_kind = kind_of_class.view((1, -1) + (1,) * (target.ndim - 1)) == kind_of_class[target][:, None]
+        ce_kind = -torch.logsumexp(log_p.masked_fill(~same_kind, float("-inf")), 1)
+        levels_known = levels_known.view((-1,) + (1,) * (target.ndim - 1)).expand_as(target)
+        ce_drawn = torch.where(levels_known, ce_drawn, ce_kind)
     unannotated = torch.stack([a.unannotated_mask() for a in annotations]).to(logits.device)  # (N, C)
     shape = (len(annotations), NUM_CLASSES) + (1,) * (logits.ndim - 2)
     ce_zero = -torch.logsumexp(log_p.masked_fill(~unannotated.view(shape), float("-inf")), 1)

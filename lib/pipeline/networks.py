@@ -15,6 +15,8 @@ window, inversion and post-processing are one code path for both:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
@@ -24,6 +26,13 @@ from lib.lifecycle.model_store import recorded_plan
 from lib.pipeline.errors import PlanMismatch
 from lib.pipeline.labels import NUM_CLASSES
 from lib.pipeline.plans import SpinePlan
+
+# MONAI 1.5's sliding window indexes each window with a list of slices; torch 2.13 still reads
+# that as a tuple and warns at every window batch, so the warning filled the server and
+# evaluation logs. The pins hold both (requirements.txt); a torch that read the list otherwise
+# would fail the sliding-window tests (tests/test_speed.py), not pass silently.
+warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing",
+                        category=UserWarning, module=r"monai\.inferers\.utils")
 
 
 class FusedWindowAttention(WindowAttention):
