@@ -75,7 +75,7 @@ from lib.lifecycle.model_store import DEFAULT_MODEL_DIR, REPO_ROOT, weights_path
 from lib.pipeline.errors import PlanMismatch
 from lib.pipeline.grouping import decide
 from lib.pipeline.labels import NAMES
-from lib.pipeline.networks import build_network, check_plan, load_network
+from lib.pipeline.networks import build_network, check_plan, load_network, sliding_window_inferer
 from lib.pipeline.plans import SpinePlan
 from lib.tools.measure import MemorySampler
 
@@ -284,7 +284,6 @@ def window_shift_agreement(scan: Path, network: torch.nn.Module, plan: SpinePlan
     it, against the same with the window moved by each of ``shifts`` ((posterior, inferior)
     mm); labels on the model grid after the app's clean-up and level assignment. A pipeline
     that places its windows otherwise than another cannot agree with it better than this."""
-    from monai.inferers import SlidingWindowInferer
     from monai.transforms import Compose
 
     from lib.pipeline.levels import finish_label
@@ -293,8 +292,7 @@ def window_shift_agreement(scan: Path, network: torch.nn.Module, plan: SpinePlan
     image = Compose(infer_pre_transforms(plan))({"image": str(scan)})["image"]
     affine = np.asarray(image.affine)
     volume = image.as_tensor()[None].float()
-    inferer = SlidingWindowInferer(plan.roi_size, sw_batch_size=plan.sw_batch_size, overlap=plan.sw_overlap,
-                                   mode="gaussian")
+    inferer = sliding_window_inferer(plan)
     step = np.asarray(plan.target_spacing[1:])
 
     def label(shift_mm: Tuple[float, float]) -> np.ndarray:

@@ -159,13 +159,10 @@ class SlabSampler:
             pad = [(0, 0)] + [(r, r) for r in self.roi]
             self.volumes.append((np.pad(image, pad), np.pad(label, pad)))
             drawn = (label > 0) & (label != IGNORE_VALUE)
-            fg = np.argwhere(drawn)
-            lo, hi = fg.min(0), fg.max(0)
-            self.centres.append(((lo[1:] + hi[1:]) // 2) + np.array(self.roi))
-            self.spine_boxes.append((lo[1:] + np.array(self.roi), hi[1:] + np.array(self.roi)))  # padded coords
-            anchor = np.argwhere(label == DISCS[-1])  # the L5-S1 disc, where drawn
-            self.anchor_boxes.append((anchor.min(0)[1:] + np.array(self.roi), anchor.max(0)[1:] + np.array(self.roi))
-                                     if len(anchor) else None)
+            spine_lo, spine_hi = self.in_plane_box(drawn)
+            self.centres.append((spine_lo + spine_hi) // 2)
+            self.spine_boxes.append((spine_lo, spine_hi))
+            self.anchor_boxes.append(self.in_plane_box(label == DISCS[-1]))  # the L5-S1 disc, where drawn
             for x in range(image.shape[0]):
                 slices.append((v, x))
                 weights.append(spine_weight if drawn[x].any() else 1.0)
@@ -203,6 +200,14 @@ class SlabSampler:
             annotation = dataclasses.replace(annotation, levels_known=False)
         return {"image": torch.as_tensor(d["image"]).float(), "label": torch.as_tensor(d["label"]).round().long(),
                 "annotation": annotation}
+
+    def in_plane_box(self, mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray] | None:
+        """(Y, Z) first and last voxel of ``mask`` (X, Y, Z) in padded coordinates (the volumes
+        are padded in-plane by the ROI), or None where the mask is empty."""
+        where = np.argwhere(mask)
+        if not len(where):
+            return None
+        return where.min(0)[1:] + np.array(self.roi), where.max(0)[1:] + np.array(self.roi)
 
     def shows_anchor(self, v: int, origin: np.ndarray) -> bool:
         """Whether the window at ``origin`` (padded coordinates) holds volume ``v``'s whole L5-S1

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Sequence, Tuple
 
 import numpy as np
 import torch
-from monai.inferers import Inferer, SlidingWindowInferer
+from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
@@ -30,7 +30,7 @@ from lib.pipeline.errors import ModelNotTrained
 from lib.pipeline.io import unpack_dicom_zip
 from lib.pipeline.labels import COLORS, LABELS
 from lib.pipeline.levels import finish_label
-from lib.pipeline.networks import check_plan, weights_do_not_fit
+from lib.pipeline.networks import check_plan, sliding_window_inferer, weights_do_not_fit
 from lib.pipeline.plans import SpinePlan
 from lib.pipeline.postprocess import structure_volumes_ml
 from lib.pipeline.transforms import discrete_post_transforms, infer_pre_transforms
@@ -130,13 +130,7 @@ class SpineInferTask(BasicInferTask):
         return infer_pre_transforms(self.plan)
 
     def inferer(self, data=None) -> Inferer:
-        return SlidingWindowInferer(
-            roi_size=self.plan.roi_size,
-            sw_batch_size=self.plan.sw_batch_size,
-            overlap=self.plan.sw_overlap,
-            mode="gaussian",
-            padding_mode="constant",
-        )
+        return sliding_window_inferer(self.plan)
 
     def inverse_transforms(self, data=None):
         return []  # invert every invertible pre-transform (orientation, spacing) on the logits

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose
 
 from lib.lifecycle import versions
@@ -25,7 +24,7 @@ from lib.lifecycle.model_store import file_sha256, model_version, weights_path
 from lib.pipeline.grouping import decide
 from lib.pipeline.levels import finish_label
 from lib.pipeline.metrics import structure_dice, summarise
-from lib.pipeline.networks import load_network
+from lib.pipeline.networks import load_network, sliding_window_inferer
 from lib.pipeline.plans import SpinePlan
 from lib.pipeline.transforms import val_pre_transforms
 
@@ -50,8 +49,7 @@ def measure(weights: str, records: Sequence[Dict[str, Any]], plan: SpinePlan, de
     """
     network = load_network(plan, weights, device)
     pre = Compose(val_pre_transforms(plan, keep_ignore=True))
-    inferer = SlidingWindowInferer(roi_size=plan.roi_size, sw_batch_size=plan.sw_batch_size, overlap=plan.sw_overlap,
-                                   mode="gaussian")
+    inferer = sliding_window_inferer(plan)
     per_image: List[torch.Tensor] = []
     with torch.no_grad():
         for record in records:

@@ -19,6 +19,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import WindowAttention
 
@@ -194,6 +195,15 @@ def weights_do_not_fit(weights: str, plan: SpinePlan, error: Exception) -> PlanM
 def load_network(plan: SpinePlan, weights: str, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The plan's network with ``weights`` loaded (:func:`load_weights`), in eval mode."""
     return load_weights(build_network(plan).to(device), weights, plan, device).eval()
+
+
+def sliding_window_inferer(plan: SpinePlan) -> SlidingWindowInferer:
+    """How every stage runs the network over a whole volume ``(B, 1, X, Y, Z)``: MONAI's sliding
+    window with the plan's ROI, windows per pass and overlap, gaussian blending, zeros beyond
+    the volume. One definition for inference, validation, promotion, scoring and the benchmark,
+    so that their outputs are comparable."""
+    return SlidingWindowInferer(roi_size=plan.roi_size, sw_batch_size=plan.sw_batch_size, overlap=plan.sw_overlap,
+                                mode="gaussian")
 
 
 def enable_mc_dropout(network: torch.nn.Module) -> torch.nn.Module:

@@ -37,7 +37,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from lib.pipeline.errors import InvalidInput
-from lib.pipeline.labels import CANAL, DISCS, NAMES, VERTEBRAE
+from lib.pipeline.labels import CANAL, DISCS, KIND_INDEX, KINDS, NAMES, NUM_CLASSES, VERTEBRAE
 
 #: 26-neighbourhood: voxels touching by a face, an edge or a corner are connected
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
@@ -259,12 +259,13 @@ def restrict_to_midline(label: np.ndarray, affine: np.ndarray,
     anterior_sign = np.sign(affine[1, ap]) or 1.0  # RAS +y is anterior
     anterior = (at_ap - ap_centre[at_si]) * anterior_sign > 0
 
-    kind = np.zeros(256, dtype=np.uint8)  # 1 vertebra, 2 disc, 3 canal
-    kind[list(VERTEBRAE)], kind[list(DISCS)], kind[CANAL] = 1, 2, 3
+    kind = np.zeros(256, dtype=np.uint8)  # KINDS index per label value; values outside the table: background
+    kind[:NUM_CLASSES] = KIND_INDEX
     kinds = kind[values]
     vertebra_limit = np.where(anterior, limits_mm["vertebral body"], limits_mm["posterior elements"])
-    remove = ((kinds == 3) & (distance > limits_mm["canal"])) | ((kinds == 2) & (distance > limits_mm["disc"])) | (
-        (kinds == 1) & (distance > vertebra_limit))
+    remove = (((kinds == KINDS.index("canal")) & (distance > limits_mm["canal"]))
+              | ((kinds == KINDS.index("disc")) & (distance > limits_mm["disc"]))
+              | ((kinds == KINDS.index("vertebra")) & (distance > vertebra_limit)))
     out = label.copy()
     out[tuple(c[remove] for c in coords)] = 0
     removed_counts = np.bincount(values[remove], minlength=256)

@@ -48,7 +48,8 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from lib.lifecycle.model_store import model_version, weights_path
 from lib.pipeline.grouping import decide
-from lib.pipeline.networks import SagittalSlabNetwork, enable_mc_dropout, load_network, select_device
+from lib.pipeline.networks import (SagittalSlabNetwork, enable_mc_dropout, load_network, select_device,
+                                   sliding_window_inferer)
 from lib.pipeline.plans import SCORE_METHODS, SpinePlan
 from lib.pipeline.transforms import infer_pre_transforms
 
@@ -181,8 +182,7 @@ class EpistemicScorer:
         if method == "slices":
             return self._score_slices(x, samples, seed, step or self.plan.score_slice_step)
         if method == "full":
-            inferer = SlidingWindowInferer(self.plan.roi_size, sw_batch_size=self.plan.sw_batch_size,
-                                           overlap=self.plan.sw_overlap, mode="gaussian")
+            inferer = sliding_window_inferer(self.plan)
         elif method == "fast":
             scale = [a / b for a, b in zip(self.plan.target_spacing, self.plan.score_spacing)]
             size = [max(1, round(s * f)) for s, f in zip(x.shape[2:], scale)]

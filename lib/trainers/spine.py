@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from ignite.engine import Events
 from monai.handlers import LrScheduleHandler
-from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss, DiceFocalLoss
 from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import Lambdad
@@ -40,7 +39,7 @@ from lib.pipeline.io import atomic_write_text, image_id
 from lib.pipeline.labels import LABELS, NUM_CLASSES
 from lib.pipeline.levels import finish_label
 from lib.pipeline.metrics import dice_handler
-from lib.pipeline.networks import build_network, check_plan
+from lib.pipeline.networks import build_network, check_plan, sliding_window_inferer
 from lib.pipeline.plans import SpinePlan
 from lib.pipeline.transforms import train_pre_transforms, val_pre_transforms
 
@@ -139,10 +138,7 @@ class SpineTrainTask(BasicTrainTask):
         return _label_post_transforms(self.plan, finish=True)
 
     def val_inferer(self, context: Context):
-        return SlidingWindowInferer(
-            roi_size=self.plan.roi_size, sw_batch_size=self.plan.sw_batch_size, overlap=self.plan.sw_overlap,
-            mode="gaussian",
-        )
+        return sliding_window_inferer(self.plan)
 
     def train_key_metric(self, context: Context):
         return {"train_mean_dice": dice_handler()}
